@@ -1,0 +1,424 @@
+"""Thin ``nn.Module`` wrappers over :mod:`convnorm_fx.ops`.
+
+* :class:`ConvNorm2d` is the normalization stage of one conv site (preconditioner, affine
+  transform, crop, stride, conv bias, optional BatchNorm). It owns no conv weight: the
+  weight it normalizes is passed to ``forward``, so a graph rewrite can feed it the
+  original Parameter or a weight computed from one (weight standardization).
+* :class:`ConvNormConv2d` is a drop-in ``nn.Conv2d`` with ConvNorm built in.
+* :func:`bypass` turns the normalization off on a whole model, for ablations and for
+  checking that a rewrite is faithful.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .ops import DEFAULT_EPS, IntOrPair, PaddingArg
+
+__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass"]
+
+_AFFINE_INITS = ("identity", "default")
+_EVAL_SPECTRA = ("cache", "running")
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+class ConvNorm2d(nn.Module):
+    """ConvNorm stage of one conv site (Liu et al. 2021, §3.2-3.3, Appendix B).
+
+    ``forward(y, weight, bias)`` takes the output of the conv that feeds it (see
+    :func:`convnorm_fx.ops.feeding_conv_args`: the unstrided "full" conv, or the conv itself
+    for 1x1 kernels) and the conv's weight, and returns what the original conv would
+    return, normalized: preconditioner ``P_k`` -> affine ``r_k`` -> crop -> stride -> conv
+    bias -> BatchNorm (if ``bn``).
+
+    Args:
+        num_channels: ``C_out`` of the conv.
+        kernel_size, stride, padding, dilation: the original conv's geometry. ``padding``
+            is its zero padding (int, pair, ``'same'``, ``'valid'``, or an explicit
+            ``(top, bottom, left, right)``); for other padding modes, pad the input first
+            and pass ``padding=0``.
+        affine: learn the per-channel depthwise affine transform ``r_k`` (§3.3), a
+            ``k_h x k_w`` kernel with bias and "same" output size.
+        affine_init: ``'identity'`` (default: a centred delta and zero bias, so the stage
+            starts as pure ConvNorm) or ``'default'`` (PyTorch's conv init, as the paper's
+            code does).
+        bn: append a ``BatchNorm2d`` after the stage.
+        eps: added to the kernel power spectrum; bounds the gain by ``eps ** -0.5``.
+        stop_gradient: treat the preconditioner as a constant in backward (§3.3).
+        eval_spectrum: ``'cache'`` (default) computes the spectrum of the current weight and
+            reuses it in eval mode while the weight and the input size are unchanged (never
+            saved in ``state_dict``). ``'running'`` keeps an exponential running average of
+            the kernel autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per
+            channel) during training and uses it in eval mode; it is valid at any input size.
+        momentum: running-average momentum for ``eval_spectrum='running'``.
+
+    Shape:
+        - y: ``(N, C, M_h, M_w)`` with ``M = H + d (k - 1)`` (1x1 kernels: ``(N, C, H_out, W_out)``)
+        - weight: ``(C, C_in / g, k_h, k_w)``
+        - output: ``(N, C, H_out, W_out)``, ``H_out = (H + p_t + p_b - d_h (k_h - 1) - 1) // s_h + 1``
+
+    Example:
+        >>> stage = ConvNorm2d(8, 3, stride=2, padding=1)
+        >>> w = torch.randn(8, 3, 3, 3)
+        >>> x = torch.randn(2, 3, 16, 16)
+        >>> stage(F.conv2d(x, w, padding=2), w).shape
+        torch.Size([2, 8, 8, 8])
+    """
+
+    _version = 1
+
+    def __init__(
+        self,
+        num_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: PaddingArg | tuple[int, int, int, int] = 0,
+        dilation: IntOrPair = 1,
+        *,
+        affine: bool = True,
+        affine_init: str = "identity",
+        bn: bool = False,
+        eps: float = DEFAULT_EPS,
+        stop_gradient: bool = True,
+        eval_spectrum: str = "cache",
+        momentum: float = 0.1,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if affine_init not in _AFFINE_INITS:
+            raise ValueError(f"affine_init must be one of {_AFFINE_INITS}, got {affine_init!r}")
+        if eval_spectrum not in _EVAL_SPECTRA:
+            raise ValueError(f"eval_spectrum must be one of {_EVAL_SPECTRA}, got {eval_spectrum!r}")
+        if eps < 0 or not math.isfinite(eps):
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_channels = int(num_channels)
+        self.kernel_size = ops._pair(kernel_size, "kernel_size")
+        self.stride = ops._pair(stride, "stride")
+        self.dilation = ops._pair(dilation, "dilation")
+        if isinstance(padding, (tuple, list)) and len(padding) == 4:
+            self.padding = tuple(int(p) for p in padding)
+        else:
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions; pass explicit padding")
+            self.padding = ops.explicit_padding(padding, self.kernel_size, self.dilation)
+        ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)  # validates 1x1 padding
+        self.affine_init = affine_init
+        self.eps = float(eps)
+        self.stop_gradient = bool(stop_gradient)
+        self.eval_spectrum = eval_spectrum
+        self.momentum = float(momentum)
+        #: When True the stage is the identity preconditioner: no P_k, no affine, no BN.
+        self.bypassed = False
+        if affine:
+            self.affine_weight = nn.Parameter(torch.empty(num_channels, 1, *self.kernel_size, **factory))
+            self.affine_bias = nn.Parameter(torch.empty(num_channels, **factory))
+        else:
+            self.register_parameter("affine_weight", None)
+            self.register_parameter("affine_bias", None)
+        if eval_spectrum == "running":
+            lags = (2 * self.kernel_size[0] - 1, 2 * self.kernel_size[1] - 1)
+            self.register_buffer("running_autocorrelation", torch.empty(num_channels, *lags, **factory))
+        else:
+            self.register_buffer("running_autocorrelation", None)
+        self.bn = nn.BatchNorm2d(num_channels, **factory) if bn else None
+        self._spectrum_cache: tuple[Any, ...] | None = None
+        self.reset_parameters()
+
+    # -- parameters and state --------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Identity (or PyTorch-default) affine transform; a flat running spectrum."""
+        if self.affine_weight is not None:
+            if self.affine_init == "identity":
+                with torch.no_grad():
+                    self.affine_weight.zero_()
+                    centre_h, centre_w = (self.kernel_size[0] - 1) // 2, (self.kernel_size[1] - 1) // 2
+                    self.affine_weight[:, :, centre_h, centre_w] = 1.0
+                    self.affine_bias.zero_()
+            else:
+                nn.init.kaiming_uniform_(self.affine_weight, a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(self.kernel_size[0] * self.kernel_size[1])
+                nn.init.uniform_(self.affine_bias, -bound, bound)
+        if self.running_autocorrelation is not None:
+            with torch.no_grad():
+                # A unit delta: a flat spectrum, i.e. P_k = I until statistics arrive.
+                self.running_autocorrelation.zero_()
+                self.running_autocorrelation[:, self.kernel_size[0] - 1, self.kernel_size[1] - 1] = 1.0
+        if self.bn is not None:
+            self.bn.reset_parameters()
+        self._spectrum_cache = None
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{self.num_channels}",
+            f"kernel_size={self.kernel_size}",
+            f"stride={self.stride}",
+            f"padding={self.padding}",
+        ]
+        if self.dilation != (1, 1):
+            parts.append(f"dilation={self.dilation}")
+        parts.append(f"affine={self.affine_weight is not None}")
+        parts.append(f"eps={self.eps:g}")
+        if not self.stop_gradient:
+            parts.append("stop_gradient=False")
+        if self.eval_spectrum != "cache":
+            parts.append(f"eval_spectrum={self.eval_spectrum!r}")
+        return ", ".join(parts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__().copy()
+        state["_spectrum_cache"] = None  # holds a weak reference, which cannot be pickled
+        return state
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "ConvNorm2d":
+        self._spectrum_cache = None  # device or dtype may change
+        return super()._apply(fn, recurse)
+
+    # -- feeding conv ----------------------------------------------------------------
+
+    @property
+    def feeding_stride(self) -> tuple[int, int]:
+        """Stride of the conv whose output this stage takes."""
+        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[0]
+
+    @property
+    def feeding_padding(self) -> tuple[int, int]:
+        """Padding of the conv whose output this stage takes."""
+        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[1]
+
+    # -- spectrum --------------------------------------------------------------------
+
+    def _spectrum_grid(self, y: Tensor) -> tuple[int, int]:
+        if self.kernel_size == (1, 1):
+            return 1, 1  # flat spectrum: one frequency is enough
+        return int(y.shape[-2]), int(y.shape[-1])
+
+    def _fresh_spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+        return ops.preconditioner_spectrum(weight, grid, self.dilation, self.eps, self.stop_gradient)
+
+    def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
+        with torch.autocast(self.running_autocorrelation.device.type, enabled=False):
+            power = ops.power_spectrum_from_autocorrelation(
+                self.running_autocorrelation.to(ops._compute_dtype(self.running_autocorrelation.dtype)),
+                grid,
+                self.dilation,
+            )
+            return ops.inverse_sqrt_spectrum(power, self.eps)
+
+    @torch.no_grad()
+    def _update_running(self, weight: Tensor) -> None:
+        current = ops.kernel_autocorrelation(weight.detach())
+        self.running_autocorrelation.lerp_(current.to(self.running_autocorrelation.dtype), self.momentum)
+
+    def spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The preconditioner's DFT ``(S_k + eps)^{-1/2}`` for ``weight`` on ``grid``.
+
+        In training mode it is computed from ``weight`` (and the running average is updated
+        when ``eval_spectrum='running'``). In eval mode it comes from the running average,
+        or from a cache that is reused while ``weight`` is the same Parameter at the same
+        version, on the same grid, device and dtype.
+        """
+        if self.training:
+            if self.running_autocorrelation is not None:
+                self._update_running(weight)
+            return self._fresh_spectrum(weight, grid)
+        if self.running_autocorrelation is not None:
+            return self._running_spectrum(grid)
+        needs_graph = not self.stop_gradient and torch.is_grad_enabled() and weight.requires_grad
+        if needs_graph or _is_compiling() or not isinstance(weight, nn.Parameter):
+            # A computed weight (weight standardization) is a new tensor every call: its
+            # identity says nothing about its value, so it is never cached.
+            return self._fresh_spectrum(weight, grid)
+        key = (weight._version, grid, weight.device, weight.dtype)
+        cache = self._spectrum_cache
+        if cache is not None and cache[0]() is weight and cache[1] == key:
+            return cache[2]
+        inv_sqrt = self._fresh_spectrum(weight, grid)
+        self._spectrum_cache = (weakref.ref(weight), key, inv_sqrt.detach())
+        return inv_sqrt
+
+    # -- forward ---------------------------------------------------------------------
+
+    def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        if weight.shape[0] != self.num_channels or tuple(weight.shape[2:]) != self.kernel_size:
+            raise ValueError(
+                f"ConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
+                f"got a weight of shape {tuple(weight.shape)}"
+            )
+        if y.dim() != 4 or y.shape[1] != self.num_channels:
+            raise ValueError(f"expected a conv output (N, {self.num_channels}, H, W), got shape {tuple(y.shape)}")
+        normalize = not self.bypassed
+        inv_sqrt = self.spectrum(weight, self._spectrum_grid(y)) if normalize else None
+        out = ops.conv_norm_stage(
+            y,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.eps,
+            self.stop_gradient,
+            affine_weight=self.affine_weight,
+            affine_bias=self.affine_bias,
+            inv_sqrt=inv_sqrt,
+            normalize=normalize,
+        )
+        if self.bn is not None and normalize:
+            out = self.bn(out)
+        return out
+
+
+class ConvNormConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with ConvNorm built in: a drop-in replacement.
+
+    The constructor takes ``nn.Conv2d``'s arguments plus the ConvNorm options of
+    :class:`ConvNorm2d`; ``weight`` and ``bias`` keep their names, so ``nn.Conv2d``
+    checkpoints load (the stage's affine and BN parameters are then reported missing).
+    The forward pass is: pad (non-zero padding modes) -> conv feeding the stage (the full
+    conv, or the strided conv for 1x1) -> :class:`ConvNorm2d` (``self.norm``).
+
+    Shape:
+        - input: ``(N, C_in, H, W)``
+        - output: ``(N, C_out, H_out, W_out)``, as ``nn.Conv2d``
+
+    Example:
+        >>> conv = ConvNormConv2d(3, 16, 3, stride=2, padding=1)
+        >>> conv(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 16, 16, 16])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: PaddingArg = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        affine: bool = True,
+        affine_init: str = "identity",
+        bn: bool = False,
+        eps: float = DEFAULT_EPS,
+        stop_gradient: bool = True,
+        eval_spectrum: str = "cache",
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
+        )
+        self._mode_padding = ops.explicit_padding(self.padding, self.kernel_size, self.dilation)
+        zero_padding = self._mode_padding if padding_mode == "zeros" else (0, 0, 0, 0)
+        self.norm = ConvNorm2d(
+            out_channels,
+            self.kernel_size,
+            self.stride,
+            zero_padding,
+            self.dilation,
+            affine=affine,
+            affine_init=affine_init,
+            bn=bn,
+            eps=eps,
+            stop_gradient=stop_gradient,
+            eval_spectrum=eval_spectrum,
+            momentum=momentum,
+            device=device,
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> "ConvNormConv2d":
+        """Wrap an existing ``nn.Conv2d``, reusing its ``weight`` and ``bias`` Parameters.
+
+        Args:
+            conv: a plain ``nn.Conv2d`` (subclasses that change the forward pass, such as
+                weight-standardized or dynamically padded convs, are rejected: rewrite them
+                with :func:`convnorm_fx.apply`, which keeps their semantics).
+            **options: ConvNorm options of :class:`ConvNormConv2d`.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+            raise TypeError(
+                f"{type(conv).__name__} overrides nn.Conv2d's forward, so a module swap would change what it "
+                "computes; use convnorm_fx.apply(model), which rewrites it in the graph"
+            )
+        if isinstance(conv, ConvNormConv2d):
+            raise TypeError("this conv already has ConvNorm")
+        weight = conv.weight
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device="meta",
+            dtype=weight.dtype,
+            **options,
+        )
+        new.weight = weight
+        new.bias = conv.bias
+        new.norm.to_empty(device=weight.device)
+        new.norm.reset_parameters()
+        new.train(conv.training)
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's argument name
+        if input.dim() != 4:
+            raise ValueError(f"ConvNormConv2d expects a 4-D input (N, C, H, W), got shape {tuple(input.shape)}")
+        x = input
+        if self.padding_mode != "zeros":
+            x = ops.pad_for_mode(x, self._mode_padding, self.padding_mode)
+        y = F.conv2d(x, self.weight, None, self.norm.feeding_stride, self.norm.feeding_padding, self.dilation, self.groups)
+        return self.norm(y, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def bypass(model: nn.Module) -> Iterator[nn.Module]:
+    """Bypass ConvNorm on every stage of ``model`` inside the ``with`` block.
+
+    Each :class:`ConvNorm2d` then uses the identity preconditioner and skips its affine
+    transform and BatchNorm, so the pipeline (full conv, crop, stride, bias) reproduces the
+    original convolutions. The previous state is restored on exit, also after an error.
+
+    Example:
+        >>> conv = ConvNormConv2d(3, 4, 3, padding=1)
+        >>> with bypass(conv):
+        ...     out = conv(torch.randn(1, 3, 8, 8))
+    """
+    stages = [m for m in model.modules() if isinstance(m, ConvNorm2d)]
+    previous = [m.bypassed for m in stages]
+    try:
+        for stage in stages:
+            stage.bypassed = True
+        yield model
+    finally:
+        for stage, state in zip(stages, previous):
+            stage.bypassed = state
