@@ -45,7 +45,8 @@ class ConvNorm2d(nn.Module):
 
     Args:
         num_channels: ``C_out`` of the conv.
-        kernel_size, stride, padding, dilation: the original conv's geometry. ``padding``
+        kernel_size, stride, padding, dilation, groups: the original conv's geometry
+            (``groups`` only describes the layer; the math needs just the weight). ``padding``
             is its zero padding (int, pair, ``'same'``, ``'valid'``, or an explicit
             ``(top, bottom, left, right)``); for other padding modes, pad the input first
             and pass ``padding=0``.
@@ -87,6 +88,7 @@ class ConvNorm2d(nn.Module):
         padding: PaddingArg | tuple[int, int, int, int] = 0,
         dilation: IntOrPair = 1,
         *,
+        groups: int = 1,
         affine: bool = True,
         affine_init: str = "identity",
         bn: bool = False,
@@ -113,6 +115,9 @@ class ConvNorm2d(nn.Module):
         self.kernel_size = ops._pair(kernel_size, "kernel_size")
         self.stride = ops._pair(stride, "stride")
         self.dilation = ops._pair(dilation, "dilation")
+        if groups < 1 or num_channels % groups != 0:
+            raise ValueError(f"groups={groups} must be >= 1 and divide num_channels={num_channels}")
+        self.groups = int(groups)
         if isinstance(padding, (tuple, list)) and len(padding) == 4:
             self.padding = tuple(int(p) for p in padding)
         else:
@@ -175,6 +180,8 @@ class ConvNorm2d(nn.Module):
         ]
         if self.dilation != (1, 1):
             parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
         parts.append(f"affine={self.affine_weight is not None}")
         parts.append(f"eps={self.eps:g}")
         if not self.stop_gradient:
@@ -215,17 +222,14 @@ class ConvNorm2d(nn.Module):
         return ops.preconditioner_spectrum(weight, grid, self.dilation, self.eps, self.stop_gradient)
 
     def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
-        with torch.autocast(self.running_autocorrelation.device.type, enabled=False):
-            power = ops.power_spectrum_from_autocorrelation(
-                self.running_autocorrelation.to(ops._compute_dtype(self.running_autocorrelation.dtype)),
-                grid,
-                self.dilation,
-            )
-            return ops.inverse_sqrt_spectrum(power, self.eps)
+        lags = self.running_autocorrelation
+        with torch.autocast(lags.device.type, enabled=False):
+            power = ops.power_spectrum_from_autocorrelation(lags.to(ops._spectrum_dtype(lags.device)), grid, self.dilation)
+            return ops.inverse_sqrt_spectrum(power, self.eps).to(ops._compute_dtype(lags.dtype))
 
     @torch.no_grad()
     def _update_running(self, weight: Tensor) -> None:
-        current = ops.kernel_autocorrelation(weight.detach())
+        current = ops.kernel_autocorrelation(weight.detach().to(ops._spectrum_dtype(weight.device)))
         self.running_autocorrelation.lerp_(current.to(self.running_autocorrelation.dtype), self.momentum)
 
     def spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -338,6 +342,7 @@ class ConvNormConv2d(nn.Conv2d):
             self.stride,
             zero_padding,
             self.dilation,
+            groups=groups,
             affine=affine,
             affine_init=affine_init,
             bn=bn,
@@ -361,13 +366,13 @@ class ConvNormConv2d(nn.Conv2d):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if isinstance(conv, ConvNormConv2d):
+            raise TypeError("this conv already has ConvNorm; apply it once")
         if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
             raise TypeError(
                 f"{type(conv).__name__} overrides nn.Conv2d's forward, so a module swap would change what it "
                 "computes; use convnorm_fx.apply(model), which rewrites it in the graph"
             )
-        if isinstance(conv, ConvNormConv2d):
-            raise TypeError("this conv already has ConvNorm")
         weight = conv.weight
         new = cls(
             conv.in_channels,

@@ -75,6 +75,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _spectrum_dtype(device: torch.device) -> torch.dtype:
+    """The kernel spectrum is tiny next to the activations, so it is computed in float64:
+    at weak frequencies ``S_k`` is a small difference of large sums, and float32 would lose
+    the relative accuracy that ``S_k^{-1/2}`` needs there. MPS has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def full_padding(kernel_size: IntOrPair, dilation: IntOrPair = 1) -> tuple[int, int]:
     """Padding ``d (k - 1)`` per axis that makes a stride-1 conv compute the full correlation.
 
@@ -276,7 +283,9 @@ def preconditioner_spectrum(
 ) -> Tensor:
     """DFT ``(S_k + eps)^{-1/2}`` of every channel's preconditioner on an ``M_h x M_w`` grid.
 
-    Runs in float32 (float64 for float64 weights) with autocast disabled.
+    The spectrum is computed in float64 with autocast disabled (it costs about
+    ``C_out * C_in * k^4`` multiply-adds, negligible next to the conv) and returned in the
+    compute dtype: float32, or float64 for float64 weights.
 
     Args:
         weight: conv weight ``(C_out, C_in / g, k_h, k_w)``.
@@ -290,8 +299,9 @@ def preconditioner_spectrum(
     """
     source = weight.detach() if stop_gradient else weight
     with torch.autocast(weight.device.type, enabled=False):
-        power = power_spectrum_from_autocorrelation(kernel_autocorrelation(source), grid, dilation)
-        return inverse_sqrt_spectrum(power, eps)
+        exact = source.to(_spectrum_dtype(weight.device))
+        power = power_spectrum_from_autocorrelation(kernel_autocorrelation(exact), grid, dilation)
+        return inverse_sqrt_spectrum(power, eps).to(_compute_dtype(weight.dtype))
 
 
 def normalize_circular(y: Tensor, inv_sqrt: Tensor) -> Tensor:
@@ -597,8 +607,8 @@ def _scale_1x1(
     if inv_sqrt is None:
         source = weight.detach() if stop_gradient else weight
         with torch.autocast(weight.device.type, enabled=False):
-            energy = source.to(compute).reshape(c_out, -1).square().sum(dim=1)
-            scale = inverse_sqrt_spectrum(energy, eps)
+            energy = source.to(_spectrum_dtype(weight.device)).reshape(c_out, -1).square().sum(dim=1)
+            scale = inverse_sqrt_spectrum(energy, eps).to(compute)
     else:
         scale = inv_sqrt.reshape(c_out, -1)[:, 0].to(compute)
     if affine_weight is not None:
