@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import ConvNorm2d, ConvNormConv2d
+from .modules import ConvNorm2d
 from .ops import IntOrPair
 
 __all__ = [
@@ -659,11 +659,6 @@ class SpectralReport:
         return self.format_table()
 
 
-def _stage_groups(model: nn.Module) -> dict[int, int]:
-    """``groups`` of the conv that owns each stage, for stages inside a :class:`ConvNormConv2d`."""
-    return {id(m.norm): int(m.groups) for m in model.modules() if isinstance(m, ConvNormConv2d)}
-
-
 def _stage_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """``(y, weight)`` of a ``ConvNorm2d.forward(y, weight, bias)`` call, positional or keyword."""
     names = ("y", "weight")
@@ -730,9 +725,8 @@ def spectral_report(
     also after an error. Parameters and buffers are not changed (an eval-mode stage may fill
     its non-persistent spectrum cache).
 
-    Groups: for a stage inside a :class:`~convnorm_fx.ConvNormConv2d` they are the conv's
-    ``groups``; otherwise the stage's ``groups`` attribute (1 if it has none). Only the
-    spectral norms depend on them.
+    Groups are the stage's ``groups`` attribute (:class:`~convnorm_fx.ConvNormConv2d` sets
+    it from its conv; 1 if absent); only the spectral norms depend on them.
 
     Args:
         model: any module containing ConvNorm stages.
@@ -766,7 +760,6 @@ def spectral_report(
 
     names = {id(m): name for name, m in model.named_modules() if isinstance(m, ConvNorm2d)}
     stages = {id(m): m for m in model.modules() if isinstance(m, ConvNorm2d)}
-    owner_groups = _stage_groups(model)
     calls: list[tuple[int, Tensor, tuple[int, int]]] = []
 
     def record(stage: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -794,7 +787,8 @@ def spectral_report(
             seen[key] = count + 1
             name = names[key] if count == 0 else f"{names[key]}[{count}]"
             stage = stages[key]
-            groups = owner_groups.get(key, int(getattr(stage, "groups", 1)))
+            # Stages built before ConvNorm2d had `groups` describe ungrouped convs.
+            groups = int(getattr(stage, "groups", 1))
             report.rows.append(_measure(name, stage, weight, grid, groups))
     report.not_called = [name for key, name in names.items() if key not in seen]
     return report

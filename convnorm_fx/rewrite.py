@@ -1,0 +1,630 @@
+"""The FX pass: put ConvNorm behind every 2-D convolution of a model.
+
+The pass runs in a fixed order: copy (unless ``inplace``) -> trace -> plan a list of sites
+(qualified name, node, action, reason) -> rewrite -> attach a report -> return the model.
+
+Each rewritten site becomes: unstrided "full" conv on the *same* weight Parameter (kept at
+its qualified name) -> :class:`~convnorm_fx.modules.ConvNorm2d` (preconditioner, affine,
+crop, stride, bias, optional BatchNorm). How the change is stored keeps the user's model
+intact, so that its class, its other methods (timm's ``forward_features``,
+``reset_classifier`` ...) and its checkpoints keep working:
+
+* a plain ``nn.Conv2d`` module becomes a :class:`~convnorm_fx.modules.ConvNormConv2d` that
+  shares its Parameters;
+* a functional conv (``F.conv2d``/``torch.conv2d`` on a learned or computed weight, e.g.
+  timm's weight-standardized convs) is rewritten in the graph of the module whose forward
+  calls it, and that module is replaced by its rewritten ``GraphModule`` (same Parameters,
+  same names, plain attributes preserved).
+
+Tracing is a means: where the whole model cannot be traced, the largest traceable
+submodules are used, and plain convs in untraceable code are found by walking the modules.
+Every conv is either rewritten or listed as skipped with a reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from . import report as rep
+from .modules import ConvNorm2d, ConvNormConv2d
+from .ops import DEFAULT_EPS
+from .report import ConvSite, RewriteReport
+from .tracing import CONV_FUNCTIONS, TracingFailed, is_plain_conv2d, trace
+
+__all__ = ["ConvNormConfig", "RewriteError", "apply"]
+
+_BN_POLICIES = ("auto", True, False)
+
+
+class RewriteError(ValueError):
+    """Raised by ``apply(..., strict=True)`` when a learned conv is left out."""
+
+
+@dataclass(frozen=True)
+class ConvNormConfig:
+    """Options of one rewritten site (see :func:`apply`)."""
+
+    # BatchNorm after the stage: "auto" (only where the conv output does not already flow
+    # into a normalization), True (always) or False (never).
+    bn: str | bool = "auto"
+    # Learnable per-channel depthwise affine transform r_k (§3.3).
+    affine: bool = True
+    # "identity" (start as pure ConvNorm) or "default" (PyTorch conv init, as the paper's code).
+    affine_init: str = "identity"
+    # Added to the kernel power spectrum; bounds the gain by eps ** -0.5. 0.0 = exact operator.
+    eps: float = DEFAULT_EPS
+    # Treat the preconditioner as a constant in backward (paper §3.3).
+    stop_gradient: bool = True
+    # Eval-mode spectrum: "cache" (of the current weight) or "running" (EMA of autocorrelation).
+    eval_spectrum: str = "cache"
+    # Momentum of the running spectrum.
+    momentum: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.bn not in _BN_POLICIES or not isinstance(self.bn, (str, bool)):
+            raise ValueError(f"bn must be 'auto', True or False, got {self.bn!r}")
+        # The stage validates the rest; build one to fail early with its message.
+        ConvNorm2d(
+            1,
+            1,
+            affine=self.affine,
+            affine_init=self.affine_init,
+            eps=self.eps,
+            stop_gradient=self.stop_gradient,
+            eval_spectrum=self.eval_spectrum,
+            momentum=self.momentum,
+            device="meta",
+        )
+
+    def stage_options(self, bn: bool) -> dict[str, Any]:
+        return {
+            "affine": self.affine,
+            "affine_init": self.affine_init,
+            "bn": bn,
+            "eps": self.eps,
+            "stop_gradient": self.stop_gradient,
+            "eval_spectrum": self.eval_spectrum,
+            "momentum": self.momentum,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Graph facts
+# --------------------------------------------------------------------------------------
+
+_NORM_CLASSES: tuple[type, ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*, timm BatchNormAct2d
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+_NORM_NAME = re.compile(r"(Batch|Group|Layer|Instance|RMS|Frozen\w*)Norm")
+_NORM_FUNCTIONS = {
+    F.batch_norm,
+    F.layer_norm,
+    F.group_norm,
+    F.instance_norm,
+    torch.batch_norm,
+    torch.layer_norm,
+    torch.group_norm,
+    torch.instance_norm,
+}
+if hasattr(F, "rms_norm"):
+    _NORM_FUNCTIONS.add(F.rms_norm)
+# Nodes a conv output may pass through and still "flow into" a normalization.
+_TRANSPARENT_METHODS = {
+    "permute", "reshape", "view", "contiguous", "flatten", "transpose", "to", "float", "clone", "type_as", "add", "add_",
+    "relu", "relu_",
+}  # fmt: skip
+_TRANSPARENT_FUNCTIONS = {operator.add, operator.iadd, torch.add, torch.flatten, torch.permute, torch.reshape, F.relu}
+_TRANSPARENT_MODULES: tuple[type, ...] = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.LeakyReLU,
+    nn.Flatten,
+)
+_MAX_HOPS = 4
+_ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_ARG_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+# Modules that convolve but cannot be normalized per output channel, with the reason.
+_UNSUPPORTED_CONV_CLASSES = {
+    "CondConv2d": "mixes per-sample expert kernels (CondConv): the conv's geometry depends on the batch",
+}
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    if isinstance(module, _NORM_CLASSES):
+        return True
+    return bool(_NORM_NAME.search(type(module).__name__)) and not any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _conv_args(node: fx.Node) -> dict[str, Any]:
+    """The arguments of a conv2d call node by name, defaults filled in."""
+    args = dict(_ARG_DEFAULTS)
+    args.update(zip(_ARG_NAMES, node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
+
+
+def _flows_into_norm(node: fx.Node, root: nn.Module) -> str | None:
+    """Name of a normalization the value of ``node`` reaches through transparent ops, if any."""
+    frontier, seen = [(node, 0)], set()
+    while frontier:
+        current, hops = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module":
+                module = root.get_submodule(user.target)
+                if _is_norm_module(module):
+                    return f"{type(module).__name__} '{user.target}'"
+                transparent = isinstance(module, _TRANSPARENT_MODULES) or "DropPath" in type(module).__name__
+            elif user.op == "call_function":
+                if user.target in _NORM_FUNCTIONS:
+                    return f"{getattr(user.target, '__name__', user.target)}()"
+                transparent = user.target in _TRANSPARENT_FUNCTIONS
+            elif user.op == "call_method":
+                if user.target in ("batch_norm", "layer_norm", "group_norm"):
+                    return f".{user.target}()"
+                transparent = user.target in _TRANSPARENT_METHODS
+            else:
+                transparent = False
+            if transparent and hops + 1 < _MAX_HOPS:
+                frontier.append((user, hops + 1))
+    return None
+
+
+def _next_sibling_norm(parent: nn.Module, name: str) -> str | None:
+    """For convs found by walking modules: is the next registered sibling a normalization?"""
+    names = list(parent._modules)
+    index = names.index(name)
+    if index + 1 < len(names):
+        sibling = parent._modules[names[index + 1]]
+        if sibling is not None and _is_norm_module(sibling):
+            return f"{type(sibling).__name__} '{names[index + 1]}' (next module)"
+    return None
+
+
+def _weight_sources(weight: fx.Node | Any, root: nn.Module) -> list[tuple[str, Any]]:
+    """``get_attr`` ancestors of a weight node: (qualified name, tensor or object)."""
+    if not isinstance(weight, fx.Node):
+        return []
+    found, stack, seen = [], [weight], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr":
+            found.append((node.target, _fetch_attr(root, node.target)))
+        stack.extend(n for n in node.all_input_nodes)
+    return found
+
+
+def _fetch_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Planned:
+    """A site plus what the rewrite needs to act on it."""
+
+    site: ConvSite
+    module_fqn: str = ""  # module sites: the conv; function sites: the calling module
+    followed_by: str | None = None
+    function_index: int = -1  # function sites: order among the owner's own conv calls
+    kernel_shape: tuple[int, int, int, int] | None = None  # function sites: (C_out, C_in/g, kh, kw)
+    reference: Any = None  # function sites: a Parameter for device/dtype
+
+
+class _Planner:
+    """Finds every conv site of a model (trace where possible, walk modules elsewhere)."""
+
+    def __init__(self, model: nn.Module, tracer_options: Mapping[str, Any]) -> None:
+        self.model = model
+        self.tracer_options = dict(tracer_options)
+        self.planned: list[_Planned] = []
+        self.report = RewriteReport(model_class=type(model).__name__)
+        self._seen_modules: set[str] = set()
+        self._function_counts: dict[str, int] = {}
+
+    # -- discovery ---------------------------------------------------------------------
+
+    def run(self) -> list[_Planned]:
+        self._visit(self.model, "")
+        self._sweep_unvisited()
+        return self.planned
+
+    def _visit(self, module: nn.Module, prefix: str) -> None:
+        try:
+            graph = trace(module, **self.tracer_options)
+        except TracingFailed as e:
+            self.report.untraced[prefix] = str(e.__cause__ or e)
+            self._walk_untraceable(module, prefix)
+            return
+        self.report.traced.append(prefix)
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self._plan_module_node(module, prefix, node)
+            elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
+                self._plan_function_node(module, prefix, node)
+
+    def _walk_untraceable(self, module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            fqn = _join(prefix, name)
+            if is_plain_conv2d(child):
+                self._seen_modules.add(fqn)
+                followed = _next_sibling_norm(module, name)
+                reason = f"'{prefix or type(module).__name__}' could not be traced; swapped in place"
+                self._add_module_site(child, fqn, rep.MODULE_SWAP, reason, followed)
+            elif isinstance(child, ConvNormConv2d):
+                self._seen_modules.add(fqn)
+                self._add_module_site(child, fqn, rep.ALREADY, "ConvNormConv2d", None)
+            elif any(isinstance(m, (nn.Conv2d, ConvNorm2d)) for m in child.modules()) or _may_call_conv(child):
+                self._visit(child, fqn)
+
+    def _plan_module_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
+        module = root.get_submodule(node.target)
+        fqn = _join(prefix, node.target)
+        if fqn in self._seen_modules:
+            return  # a module called twice is one site
+        if is_plain_conv2d(module):
+            self._seen_modules.add(fqn)
+            followed = _flows_into_norm(node, root)
+            self._add_module_site(module, fqn, rep.GRAPH_REWRITE, f"{type(module).__name__} in the traced graph", followed)
+        elif isinstance(module, ConvNormConv2d):
+            self._seen_modules.add(fqn)
+            self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
+        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            self._seen_modules.add(fqn)
+            self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
+        elif type(module).__name__ in _UNSUPPORTED_CONV_CLASSES:
+            self._seen_modules.add(fqn)
+            self._add_module_site(module, fqn, rep.SKIPPED, _UNSUPPORTED_CONV_CLASSES[type(module).__name__], None)
+        elif any(isinstance(m, nn.Conv2d) for m in module.modules()):
+            # A leaf that hides convs (user leaf_modules): its convs are found by walking it.
+            self._walk_untraceable(module, fqn)
+
+    def _plan_function_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
+        stack = node.meta.get("nn_module_stack") or {}
+        owner_rel = next(reversed(stack)) if stack else ""
+        owner_fqn = _join(prefix, owner_rel)
+        owner = root.get_submodule(owner_rel) if owner_rel else root
+        args = _conv_args(node)
+        index = self._function_counts.get(owner_fqn, 0)
+        self._function_counts[owner_fqn] = index + 1
+        name = f"{owner_fqn}#conv2d" + (f"_{index}" if index else "")
+        geometry = {
+            "stride": args["stride"],
+            "padding": args["padding"],
+            "dilation": args["dilation"],
+            "groups": args["groups"],
+        }
+        site = ConvSite(name=name, kind="function", conv_class=type(owner).__name__, action=rep.SKIPPED, reason="")
+        planned = _Planned(site=site, module_fqn=owner_fqn, function_index=index)
+        if isinstance(owner, nn.Conv2d):
+            self._seen_modules.add(owner_fqn)
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(root.get_submodule(users[0].target), ConvNorm2d):
+            site.action, site.reason = rep.ALREADY, "followed by a ConvNorm2d stage"
+            self._record(planned, geometry)
+            return
+        if any(isinstance(v, fx.Node) for v in geometry.values()):
+            site.reason = "stride/padding/dilation/groups are computed from the input (dynamic geometry)"
+            self._record(planned, geometry)
+            return
+        sources = _weight_sources(args["weight"], root)
+        parameters = [(n, t) for n, t in sources if isinstance(t, nn.Parameter)]
+        if not parameters:
+            site.reason = "weight is a buffer or constant, not a learned parameter"
+            self._record(planned, geometry)
+            return
+        kernels = [t for _, t in parameters if t.dim() == 4]
+        if not kernels:
+            site.reason = "weight is computed from parameters without a 4-D kernel (cannot read its shape)"
+            self._record(planned, geometry)
+            return
+        kernel = max(kernels, key=lambda t: t.numel())
+        planned.kernel_shape = tuple(kernel.shape)  # type: ignore[assignment]
+        planned.reference = kernel
+        planned.followed_by = _flows_into_norm(node, root)
+        weight_name = ", ".join(_join(prefix, n) for n, _ in parameters)
+        site.action = rep.GRAPH_REWRITE
+        site.reason = f"functional conv on a weight computed from {weight_name}"
+        self._record(planned, geometry)
+
+    def _record(self, planned: _Planned, geometry: Mapping[str, Any]) -> None:
+        site = planned.site
+        if planned.kernel_shape is not None:
+            site.out_channels = planned.kernel_shape[0]
+            site.kernel_size = tuple(planned.kernel_shape[2:])
+            if not isinstance(geometry["groups"], fx.Node):
+                site.in_channels = planned.kernel_shape[1] * int(geometry["groups"])
+        for key in ("stride", "dilation"):
+            value = geometry[key]
+            setattr(site, key, None if isinstance(value, fx.Node) else _pair(value))
+        padding = geometry["padding"]
+        site.padding = None if isinstance(padding, fx.Node) else padding if isinstance(padding, str) else _pair(padding)
+        site.groups = None if isinstance(geometry["groups"], fx.Node) else int(geometry["groups"])
+        site.padding_mode = "zeros"
+        self.planned.append(planned)
+        self.report.sites.append(site)
+
+    def _add_module_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
+        site = ConvSite(name=fqn, kind="module", conv_class=type(module).__name__, action=action, reason=reason)
+        for key in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"):
+            value = getattr(module, key, None)
+            setattr(site, key, tuple(value) if isinstance(value, list) else value)
+        self.planned.append(_Planned(site=site, module_fqn=fqn, followed_by=followed))
+        self.report.sites.append(site)
+
+    def _sweep_unvisited(self) -> None:
+        """Convs that no graph reached (not called by forward, or inside leaves): list them all."""
+        for fqn, module in self.model.named_modules():
+            if fqn in self._seen_modules or any(fqn.startswith(p + ".") for p in ()):
+                continue
+            if is_plain_conv2d(module):
+                parent_name, _, name = fqn.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                self._seen_modules.add(fqn)
+                followed = _next_sibling_norm(parent, name)
+                self._add_module_site(module, fqn, rep.MODULE_SWAP, "not called by the traced forward(); swapped in place", followed)
+            elif isinstance(module, ConvNormConv2d):
+                self._seen_modules.add(fqn)
+                self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
+            elif isinstance(module, nn.Conv2d) and fqn not in self._function_counts:
+                self._seen_modules.add(fqn)
+                reason = f"{type(module).__name__} changes nn.Conv2d's forward and was not reached by a traced graph"
+                self._add_module_site(module, fqn, rep.SKIPPED, reason, None)
+            elif type(module).__name__ in _UNSUPPORTED_CONV_CLASSES and fqn not in self._seen_modules:
+                self._seen_modules.add(fqn)
+                self._add_module_site(module, fqn, rep.SKIPPED, _UNSUPPORTED_CONV_CLASSES[type(module).__name__], None)
+            elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                self._seen_modules.add(fqn)
+                self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
+
+
+def _may_call_conv(module: nn.Module) -> bool:
+    """Whether a module without conv children may still call F.conv2d on its own parameters."""
+    return any(p.dim() == 4 for p in module.parameters(recurse=False))
+
+
+# --------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------
+
+
+def _select(
+    planned: _Planned,
+    model: nn.Module,
+    base: ConvNormConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    overrides: Mapping[str, Any] | None,
+) -> ConvNormConfig | None:
+    site = planned.site
+    module = model.get_submodule(planned.module_fqn) if planned.module_fqn else model
+    if filter_fn is not None and not filter_fn(module, site.name):
+        site.action, site.reason = rep.SKIPPED, "excluded by filter_fn"
+        return None
+    if overrides:
+        for pattern, value in overrides.items():
+            if pattern == site.name or pattern == planned.module_fqn or re.fullmatch(pattern, site.name):
+                if value is None:
+                    site.action, site.reason = rep.SKIPPED, f"excluded by overrides[{pattern!r}]"
+                    return None
+                return dataclasses.replace(base, **dict(value))
+    return base
+
+
+def _decide_bn(config: ConvNormConfig, planned: _Planned) -> bool:
+    if config.bn == "auto":
+        if planned.followed_by:
+            planned.site.reason += f"; no BN added (flows into {planned.followed_by})"
+            return False
+        planned.site.reason += "; BN added (no normalization follows)"
+        return True
+    return bool(config.bn)
+
+
+# --------------------------------------------------------------------------------------
+# Rewriting
+# --------------------------------------------------------------------------------------
+
+
+def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, name = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, name, new)
+
+
+def _rewrite_functional_owner(
+    owner: nn.Module, sites: list[tuple[_Planned, ConvNormConfig, bool]], tracer_options: Mapping[str, Any]
+) -> fx.GraphModule:
+    """Trace the module whose forward calls F.conv2d and rewrite those calls in its graph."""
+    graph = trace(owner, **tracer_options)
+    own_calls = [
+        n
+        for n in graph.nodes
+        if n.op == "call_function" and n.target in CONV_FUNCTIONS and not n.meta.get("nn_module_stack")
+    ]
+    gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    for planned, config, bn in sites:
+        if planned.function_index >= len(own_calls):
+            raise RewriteError(f"could not find {planned.site.name} again when rewriting it; please report this model")
+        node = own_calls[planned.function_index]
+        args = _conv_args(node)
+        reference = planned.reference
+        stage = ConvNorm2d(
+            planned.kernel_shape[0],
+            planned.kernel_shape[2:],
+            args["stride"],
+            args["padding"],
+            args["dilation"],
+            groups=int(args["groups"]),
+            device=reference.device,
+            dtype=reference.dtype,
+            **config.stage_options(bn),
+        )
+        stage_name = "convnorm" if planned.function_index == 0 else f"convnorm_{planned.function_index}"
+        gm.add_submodule(stage_name, stage)
+        with graph.inserting_before(node):
+            full = graph.call_function(
+                F.conv2d,
+                (args["input"], args["weight"], None, stage.feeding_stride, stage.feeding_padding, stage.dilation, stage.groups),
+            )
+            out = graph.call_module(stage_name, (full, args["weight"], args["bias"]))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    # Keep the owner's plain attributes (in_channels, stride, eps, ...) for code that reads them.
+    for key, value in vars(owner).items():
+        if not key.startswith("_") and not hasattr(gm, key) and isinstance(value, (int, float, str, bool, tuple, type(None))):
+            setattr(gm, key, value)
+    gm.train(owner.training)
+    return gm
+
+
+def apply(
+    model: nn.Module,
+    *,
+    bn: str | bool = "auto",
+    affine: bool = True,
+    affine_init: str = "identity",
+    eps: float = DEFAULT_EPS,
+    stop_gradient: bool = True,
+    eval_spectrum: str = "cache",
+    momentum: float = 0.1,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
+    inplace: bool = False,
+    strict: bool = False,
+    graph_module: bool = False,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Rewrite every 2-D convolution of ``model`` into conv -> ConvNorm -> crop/stride -> (BN).
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, your own).
+        bn: BatchNorm after each stage: ``'auto'`` (only where the conv output does not
+            already flow into a normalization), ``True`` (always) or ``False`` (never).
+        affine, affine_init, eps, stop_gradient, eval_spectrum, momentum: options of every
+            :class:`~convnorm_fx.modules.ConvNorm2d` stage.
+        filter_fn: ``filter_fn(module, name) -> bool``; ``False`` leaves that site as it is
+            (reported as skipped). ``module`` is the conv, or the module calling ``F.conv2d``.
+        overrides: per-site options by exact name or full-match regex, checked in order:
+            ``{"conv1": None}`` skips the stem, ``{r"layer4\\..*": {"bn": False}}`` changes
+            options. Names are those of :func:`rewrite_report` (``name`` column).
+        inplace: modify ``model`` itself instead of a deep copy.
+        strict: raise :class:`RewriteError` if any learned conv is not rewritten.
+        graph_module: return one flat ``torch.fx.GraphModule`` of the rewritten model
+            instead of the model object.
+        leaf_modules, autowrap_functions, concrete_args: help the tracer with code it
+            cannot trace (see :func:`convnorm_fx.tracing.trace`).
+
+    Returns:
+        The rewritten model: by default the same class and attributes (a deep copy unless
+        ``inplace``). Its report is available from :func:`rewrite_report`.
+
+    Example:
+        >>> import torchvision
+        >>> model = convnorm_fx.apply(torchvision.models.resnet18())
+        >>> print(convnorm_fx.rewrite_report(model).summary())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply expects an nn.Module, got {type(model).__name__}")
+    base = ConvNormConfig(bn, affine, affine_init, eps, stop_gradient, eval_spectrum, momentum)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be a callable (module, name) -> bool")
+    if overrides is not None:
+        if not isinstance(overrides, Mapping):
+            raise TypeError("overrides must be a dict {name or regex: None or {option: value}}")
+        for pattern, value in overrides.items():
+            re.compile(pattern)
+            if value is not None:
+                dataclasses.replace(base, **dict(value))  # fail early on unknown or bad options
+    if not inplace:
+        model = copy.deepcopy(model)
+    tracer_options = {
+        "leaf_modules": tuple(leaf_modules),
+        "autowrap_functions": tuple(autowrap_functions),
+    }
+    planner = _Planner(model, {**tracer_options, "concrete_args": concrete_args})
+    planned_sites = planner.run()
+    report = planner.report
+
+    functional: dict[str, list[tuple[_Planned, ConvNormConfig, bool]]] = {}
+    for planned in planned_sites:
+        if planned.site.action not in (rep.GRAPH_REWRITE, rep.MODULE_SWAP):
+            continue
+        config = _select(planned, model, base, filter_fn, overrides)
+        if config is None:
+            continue
+        use_bn = _decide_bn(config, planned)
+        planned.site.bn = use_bn
+        if planned.site.kind == "module":
+            conv = model.get_submodule(planned.module_fqn)
+            _set_submodule(model, planned.module_fqn, ConvNormConv2d.from_conv(conv, **config.stage_options(use_bn)))
+        else:
+            functional.setdefault(planned.module_fqn, []).append((planned, config, use_bn))
+
+    # Deepest owners first, so an owner's graph already sees its rewritten children.
+    for owner_fqn in sorted(functional, key=lambda f: -f.count(".") - bool(f)):
+        owner = model.get_submodule(owner_fqn) if owner_fqn else model
+        gm = _rewrite_functional_owner(owner, functional[owner_fqn], tracer_options)
+        if owner_fqn:
+            _set_submodule(model, owner_fqn, gm)
+        else:
+            warnings.warn(
+                f"{type(model).__name__}.forward itself calls F.conv2d, so the rewritten model is a GraphModule "
+                "and its other methods are not kept; wrap the functional conv in a submodule to keep the class",
+                stacklevel=2,
+            )
+            model = gm
+
+    if not report.sites:
+        warnings.warn(f"{type(model).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)
+    left_out = [s for s in report.sites if s.action == rep.SKIPPED and not s.reason.startswith("excluded")]
+    if strict and left_out:
+        lines = "\n".join(f"  {s.name}: {s.reason}" for s in left_out)
+        raise RewriteError(f"{len(left_out)} conv site(s) were not rewritten (strict=True):\n{lines}")
+    if graph_module:
+        graph = trace(model, **tracer_options, trace_convnorm_convs=True)
+        model = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}ConvNorm")
+    setattr(model, rep._REPORT_ATTRIBUTE, report)
+    return model

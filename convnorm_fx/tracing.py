@@ -1,0 +1,157 @@
+"""A torch.fx tracer that keeps every convolution visible.
+
+torchvision's feature-extraction tracer makes ``Conv2dNormActivation`` and friends leaves,
+and timm's leaf registry contains conv-bearing blocks (``NormFreeBlock``, ``MobileVitBlock``
+...): both hide convolutions from a graph pass. :class:`ConvTracer` instead
+
+* makes every *plain* ``nn.Conv2d`` a leaf, so each conv is exactly one ``call_module`` node;
+* traces *through* conv subclasses that change the forward pass (timm's ``StdConv2d``,
+  ``ScaledStdConv2d``, ``Conv2dSame``...), so their standardized weight or dynamic padding
+  shows up as the ``F.conv2d`` call that really runs;
+* borrows timm's leaf modules and autowrapped functions, except leaves that contain a conv,
+  and autowraps timm's dynamic "same" padding so that shape arithmetic does not break tracing;
+* treats :class:`~convnorm_fx.modules.ConvNorm2d` stages and (optionally)
+  :class:`~convnorm_fx.modules.ConvNormConv2d` as leaves, so a rewritten model traces too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import ConvNorm2d, ConvNormConv2d
+
+__all__ = [
+    "CONV_FUNCTIONS",
+    "ConvTracer",
+    "TracingFailed",
+    "is_plain_conv2d",
+    "trace",
+]
+
+#: Callables that are a 2-D convolution when they appear as ``call_function`` targets.
+CONV_FUNCTIONS: tuple[Callable[..., Any], ...] = (F.conv2d, torch.conv2d)
+
+
+class TracingFailed(RuntimeError):
+    """A module could not be traced symbolically (its forward has data-dependent Python)."""
+
+
+def is_plain_conv2d(module: nn.Module) -> bool:
+    """True for ``nn.Conv2d`` and subclasses that keep its forward pass.
+
+    Such a module can be swapped for :class:`ConvNormConv2d` without changing what it
+    computes. Subclasses overriding ``forward`` or ``_conv_forward`` (weight standardization,
+    dynamic padding, ...) are not plain: they must be traced through.
+    """
+    if not isinstance(module, nn.Conv2d) or isinstance(module, ConvNormConv2d):
+        return False
+    cls = type(module)
+    return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
+
+
+def _contains_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_registry() -> tuple[tuple[type, ...], tuple[Callable[..., Any], ...]]:
+    """timm's leaf classes and autowrapped functions, plus its dynamic 'same' padding helpers."""
+    try:
+        import timm.layers as timm_layers
+        from timm.layers import padding as timm_padding
+    except ImportError:  # timm is a dependency, but keep the tracer usable without it
+        return (), ()
+    leaves = tuple(timm_layers.get_notrace_modules())
+    functions = list(timm_layers.get_notrace_functions())
+    # pad_same computes its padding from the input's shape: as a leaf function it becomes one
+    # node, and the F.conv2d that follows it stays visible.
+    for name in ("pad_same", "pad_same_arg", "get_same_padding"):
+        fn = getattr(timm_padding, name, None)
+        if fn is not None:
+            functions.append(fn)
+    return leaves, tuple(functions)
+
+
+class ConvTracer(fx.Tracer):
+    """``torch.fx`` tracer for conv rewriting; see the module docstring.
+
+    Args:
+        leaf_modules: extra module classes to keep as leaves (e.g. a block with
+            data-dependent control flow and no convs).
+        autowrap_functions: extra functions to record as single nodes.
+        trace_convnorm_convs: trace through :class:`ConvNormConv2d` (to expose the full conv
+            and its stage in a flat graph) instead of keeping it as a leaf.
+    """
+
+    def __init__(
+        self,
+        leaf_modules: Iterable[type] = (),
+        autowrap_functions: Iterable[Callable[..., Any]] = (),
+        trace_convnorm_convs: bool = False,
+    ) -> None:
+        timm_leaves, timm_functions = _timm_registry()
+        super().__init__(autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions))
+        self._extra_leaves = tuple(leaf_modules)
+        self._timm_leaves = timm_leaves
+        self._trace_convnorm_convs = trace_convnorm_convs
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, ConvNorm2d):
+            return True
+        if isinstance(m, ConvNormConv2d):
+            return not self._trace_convnorm_convs
+        if isinstance(m, nn.Conv2d):
+            return is_plain_conv2d(m)
+        if self._extra_leaves and isinstance(m, self._extra_leaves):
+            return True
+        if self._timm_leaves and isinstance(m, self._timm_leaves) and not _contains_conv(m):
+            # A non-conv leaf (norm-act layers, same-padding pools...) that timm knows
+            # cannot be traced; functional convs inside such leaves would be hidden, but
+            # timm's non-conv leaves do not call F.conv2d on learned weights.
+            return not _calls_functional_conv(type(m))
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_functional_conv(cls: type) -> bool:
+    """Whether a class's own forward source mentions a 2-D conv call (best effort)."""
+    import inspect
+
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "conv2d" in source
+
+
+def trace(
+    module: nn.Module,
+    *,
+    leaf_modules: Iterable[type] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+    concrete_args: dict[str, Any] | None = None,
+    trace_convnorm_convs: bool = False,
+) -> fx.Graph:
+    """Trace ``module`` with :class:`ConvTracer`.
+
+    Raises:
+        TracingFailed: with the original error chained and hints on how to help the tracer.
+    """
+    tracer = ConvTracer(leaf_modules, autowrap_functions, trace_convnorm_convs)
+    was_training = module.training
+    try:
+        graph = tracer.trace(module, concrete_args=concrete_args)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
+        raise TracingFailed(
+            f"could not trace {type(module).__name__}: {type(e).__name__}: {e}. Hints: pass "
+            "leaf_modules=[...] for blocks with data-dependent control flow that contain no conv, "
+            "or concrete_args to pin optional forward() arguments"
+        ) from e
+    finally:
+        module.train(was_training)
+    return graph
