@@ -40,6 +40,8 @@ class ConvSite:
             ``'not rewritten'`` (1-D, 3-D and transposed convs: out of scope).
         reason: why, in words.
         bn: whether a BatchNorm was inserted after the stage.
+        learned: whether the conv's weight is learned (a buffer or constant kernel, such as
+            a blur filter, is not: it is skipped by design, and ``strict`` ignores it).
     """
 
     name: str
@@ -56,6 +58,7 @@ class ConvSite:
     in_channels: int | None = None
     out_channels: int | None = None
     bn: bool = False
+    learned: bool = True
 
     @property
     def rewritten(self) -> bool:

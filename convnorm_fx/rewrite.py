@@ -272,9 +272,11 @@ class _Planner:
         try:
             graph = trace(module, **self.tracer_options)
         except TracingFailed as e:
-            self.report.untraced[prefix] = str(e.__cause__ or e)
-            self._walk_untraceable(module, prefix)
-            return
+            graph = self._trace_around_untraceable_children(module, prefix, e)
+            if graph is None:
+                self.report.untraced[prefix] = str(e.__cause__ or e)
+                self._walk_untraceable(module, prefix)
+                return
         self.report.traced.append(prefix)
         for node in graph.nodes:
             if node.op == "call_module":
@@ -282,7 +284,41 @@ class _Planner:
             elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
                 self._plan_function_node(module, prefix, node)
 
+    def _trace_around_untraceable_children(self, module: nn.Module, prefix: str, error: Exception) -> fx.Graph | None:
+        """Keep the largest traceable region: trace ``module`` again with the children that
+        cannot be traced on their own as leaves (their convs are then found by walking them)."""
+        children = list(module.named_children())
+        stuck = []
+        for name, child in children:
+            if not _has_conv_work(child):
+                continue
+            try:
+                trace(child, **self.tracer_options)
+            except TracingFailed as e:
+                stuck.append(name)
+                self.report.untraced[_join(prefix, name)] = str(e.__cause__ or e)
+        if not stuck or len(stuck) == len(children):
+            return None
+        try:
+            return trace(module, **self.tracer_options, leaf_names=stuck)
+        except TracingFailed:
+            for name in stuck:
+                self.report.untraced.pop(_join(prefix, name), None)
+            return None
+
     def _walk_untraceable(self, module: nn.Module, prefix: str) -> None:
+        kernels = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 4]
+        if kernels and not isinstance(module, nn.Conv2d) and type(module).__name__ not in _UNSUPPORTED_CONV_CLASSES:
+            site = ConvSite(
+                name=f"{prefix}#conv2d",
+                kind="function",
+                conv_class=type(module).__name__,
+                action=rep.SKIPPED,
+                reason=f"'{prefix}' could not be traced and holds 4-D parameter(s) {kernels}: "
+                "a functional conv in its forward cannot be rewritten (make it traceable or wrap the conv in nn.Conv2d)",
+            )
+            self.planned.append(_Planned(site=site, module_fqn=prefix))
+            self.report.sites.append(site)
         for name, child in module.named_children():
             fqn = _join(prefix, name)
             if is_plain_conv2d(child):
@@ -293,7 +329,7 @@ class _Planner:
             elif isinstance(child, ConvNormConv2d):
                 self._seen_modules.add(fqn)
                 self._add_module_site(child, fqn, rep.ALREADY, "ConvNormConv2d", None)
-            elif any(isinstance(m, (nn.Conv2d, ConvNorm2d)) for m in child.modules()) or _may_call_conv(child):
+            elif _has_conv_work(child):
                 self._visit(child, fqn)
 
     def _plan_module_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
@@ -314,8 +350,8 @@ class _Planner:
         elif type(module).__name__ in _UNSUPPORTED_CONV_CLASSES:
             self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.SKIPPED, _UNSUPPORTED_CONV_CLASSES[type(module).__name__], None)
-        elif any(isinstance(m, nn.Conv2d) for m in module.modules()):
-            # A leaf that hides convs (user leaf_modules): its convs are found by walking it.
+        elif _has_conv_work(module) and not isinstance(module, ConvNorm2d):
+            # A leaf that hides convs (untraceable child, user leaf_modules): walk it.
             self._walk_untraceable(module, fqn)
 
     def _plan_function_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
@@ -350,6 +386,7 @@ class _Planner:
         parameters = [(n, t) for n, t in sources if isinstance(t, nn.Parameter)]
         if not parameters:
             site.reason = "weight is a buffer or constant, not a learned parameter"
+            site.learned = False
             self._record(planned, geometry)
             return
         kernels = [t for _, t in parameters if t.dim() == 4]
@@ -417,9 +454,12 @@ class _Planner:
                 self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
 
 
-def _may_call_conv(module: nn.Module) -> bool:
-    """Whether a module without conv children may still call F.conv2d on its own parameters."""
-    return any(p.dim() == 4 for p in module.parameters(recurse=False))
+def _has_conv_work(module: nn.Module) -> bool:
+    """Whether a module holds convs, stages, or 4-D parameters a forward might convolve with."""
+    return any(
+        isinstance(m, (nn.Conv2d, ConvNorm2d)) or any(p.dim() == 4 for p in m.parameters(recurse=False))
+        for m in module.modules()
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -619,7 +659,7 @@ def apply(
 
     if not report.sites:
         warnings.warn(f"{type(model).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)
-    left_out = [s for s in report.sites if s.action == rep.SKIPPED and not s.reason.startswith("excluded")]
+    left_out = [s for s in report.sites if s.action == rep.SKIPPED and s.learned and not s.reason.startswith("excluded")]
     if strict and left_out:
         lines = "\n".join(f"  {s.name}: {s.reason}" for s in left_out)
         raise RewriteError(f"{len(left_out)} conv site(s) were not rewritten (strict=True):\n{lines}")

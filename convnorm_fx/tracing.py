@@ -86,6 +86,8 @@ class ConvTracer(fx.Tracer):
         autowrap_functions: extra functions to record as single nodes.
         trace_convnorm_convs: trace through :class:`ConvNormConv2d` (to expose the full conv
             and its stage in a flat graph) instead of keeping it as a leaf.
+        leaf_names: qualified names (relative to the traced module) of submodules to keep as
+            leaves, e.g. children found to be untraceable on their own.
     """
 
     def __init__(
@@ -93,14 +95,18 @@ class ConvTracer(fx.Tracer):
         leaf_modules: Iterable[type] = (),
         autowrap_functions: Iterable[Callable[..., Any]] = (),
         trace_convnorm_convs: bool = False,
+        leaf_names: Iterable[str] = (),
     ) -> None:
         timm_leaves, timm_functions = _timm_registry()
         super().__init__(autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions))
         self._extra_leaves = tuple(leaf_modules)
         self._timm_leaves = timm_leaves
         self._trace_convnorm_convs = trace_convnorm_convs
+        self._leaf_names = frozenset(leaf_names)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names:
+            return True
         if isinstance(m, ConvNorm2d):
             return True
         if isinstance(m, ConvNormConv2d):
@@ -136,13 +142,14 @@ def trace(
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     concrete_args: dict[str, Any] | None = None,
     trace_convnorm_convs: bool = False,
+    leaf_names: Iterable[str] = (),
 ) -> fx.Graph:
-    """Trace ``module`` with :class:`ConvTracer`.
+    """Trace ``module`` with :class:`ConvTracer` (arguments as in its constructor).
 
     Raises:
         TracingFailed: with the original error chained and hints on how to help the tracer.
     """
-    tracer = ConvTracer(leaf_modules, autowrap_functions, trace_convnorm_convs)
+    tracer = ConvTracer(leaf_modules, autowrap_functions, trace_convnorm_convs, leaf_names)
     was_training = module.training
     try:
         graph = tracer.trace(module, concrete_args=concrete_args)
