@@ -199,6 +199,40 @@ def _flows_into_norm(node: fx.Node, root: nn.Module) -> str | None:
     return None
 
 
+_GLOBAL_POOL_MODULES: tuple[type, ...] = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _reads_pooled_map(node: fx.Node, root: nn.Module) -> str | None:
+    """Whether the conv's input is a global pooling (squeeze-excite, gating branches)."""
+    source = node.args[0] if node.args else node.kwargs.get("input")
+    for _ in range(2 * _MAX_HOPS):
+        if not isinstance(source, fx.Node):
+            return None
+        if source.op == "call_module":
+            module = root.get_submodule(source.target)
+            size = getattr(module, "output_size", None)
+            if isinstance(module, _GLOBAL_POOL_MODULES) and size in (1, (1, 1)):
+                return f"{type(module).__name__} '{source.target}'"
+            if "Pool" in type(module).__name__ and "Select" in type(module).__name__:
+                return f"{type(module).__name__} '{source.target}'"  # timm SelectAdaptivePool2d
+            keeps_size = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            if not (isinstance(module, _TRANSPARENT_MODULES) or keeps_size or "Act" in type(module).__name__):
+                return None
+        elif source.op == "call_method" and source.target in ("mean", "amax", "sum"):
+            dims = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim")
+            dims = {dims} if isinstance(dims, int) else set(dims or ())
+            if {2, 3} <= dims or {-2, -1} <= dims:
+                return f".{source.target}() over the spatial axes"
+            return None
+        elif source.op == "call_function" and source.target in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean):
+            return f"{getattr(source.target, '__name__', source.target)}()"
+        elif not (source.op == "call_function" and source.target in _TRANSPARENT_FUNCTIONS):
+            if not (source.op == "call_method" and source.target in _TRANSPARENT_METHODS):
+                return None
+        source = source.args[0] if source.args else None
+    return None
+
+
 def _next_sibling_norm(parent: nn.Module, name: str) -> str | None:
     """For convs found by walking modules: is the next registered sibling a normalization?"""
     names = list(parent._modules)
@@ -248,6 +282,7 @@ class _Planned:
     function_index: int = -1  # function sites: order among the owner's own conv calls
     kernel_shape: tuple[int, int, int, int] | None = None  # function sites: (C_out, C_in/g, kh, kw)
     reference: Any = None  # function sites: a Parameter for device/dtype
+    pooled_input: str | None = None  # the conv reads a globally pooled 1x1 map (squeeze-excite)
 
 
 class _Planner:
@@ -341,6 +376,7 @@ class _Planner:
             self._seen_modules.add(fqn)
             followed = _flows_into_norm(node, root)
             self._add_module_site(module, fqn, rep.GRAPH_REWRITE, f"{type(module).__name__} in the traced graph", followed)
+            self.planned[-1].pooled_input = _reads_pooled_map(node, root)
         elif isinstance(module, ConvNormConv2d):
             self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
@@ -371,8 +407,12 @@ class _Planner:
         }
         site = ConvSite(name=name, kind="function", conv_class=type(owner).__name__, action=rep.SKIPPED, reason="")
         planned = _Planned(site=site, module_fqn=owner_fqn, function_index=index)
-        if isinstance(owner, nn.Conv2d):
+        if isinstance(owner, nn.Conv2d) or type(owner).__name__ in _UNSUPPORTED_CONV_CLASSES:
             self._seen_modules.add(owner_fqn)
+        if type(owner).__name__ in _UNSUPPORTED_CONV_CLASSES:
+            site.reason = _UNSUPPORTED_CONV_CLASSES[type(owner).__name__]
+            self._record(planned, geometry)
+            return
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and isinstance(root.get_submodule(users[0].target), ConvNorm2d):
             site.action, site.reason = rep.ALREADY, "followed by a ConvNorm2d stage"
@@ -398,6 +438,7 @@ class _Planner:
         planned.kernel_shape = tuple(kernel.shape)  # type: ignore[assignment]
         planned.reference = kernel
         planned.followed_by = _flows_into_norm(node, root)
+        planned.pooled_input = _reads_pooled_map(node, root)
         weight_name = ", ".join(_join(prefix, n) for n, _ in parameters)
         site.action = rep.GRAPH_REWRITE
         site.reason = f"functional conv on a weight computed from {weight_name}"
@@ -493,6 +534,11 @@ def _decide_bn(config: ConvNormConfig, planned: _Planned) -> bool:
     if config.bn == "auto":
         if planned.followed_by:
             planned.site.reason += f"; no BN added (flows into {planned.followed_by})"
+            return False
+        if planned.pooled_input:
+            # BatchNorm over a 1x1 map sees one value per sample: with small batches its
+            # statistics are degenerate and gradients explode through gating branches.
+            planned.site.reason += f"; no BN added (reads a globally pooled map: {planned.pooled_input})"
             return False
         planned.site.reason += "; BN added (no normalization follows)"
         return True

@@ -360,3 +360,28 @@ def test_top_level_functional_conv_returns_graph_module_with_warning():
     x = torch.randn(1, 3, 8, 8)
     with bypass(model):
         torch.testing.assert_close(model(x), F.conv2d(x, model.weight, padding=1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, 2, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(2, c, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = self.fc2(self.act(self.fc1(self.pool(x))))
+        mean_gate = self.fc1(x.mean((2, 3), keepdim=True))
+        return x * torch.sigmoid(gate) + mean_gate
+
+
+def test_auto_bn_skips_convs_on_globally_pooled_maps():
+    """BN over a 1x1 map sees one value per sample: 'auto' adds none in squeeze-excite branches."""
+    report = rewrite_report(apply(SqueezeExcite(4)))
+    bn = {s.name: s.bn for s in report.sites}
+    assert bn == {"conv": True, "fc1": False, "fc2": False}
+    assert "globally pooled" in report.sites[1].reason and "globally pooled" in report.sites[2].reason
+    assert all(rewrite_report(apply(SqueezeExcite(4), bn=True)).sites[i].bn for i in range(3))
