@@ -280,6 +280,17 @@ def conv_singular_values(
     return torch.cat(values).sort(descending=True).values
 
 
+def _largest_singular_value(x: Tensor) -> Tensor:
+    """Largest singular value of each matrix in a batch, from the smaller Gram matrix.
+
+    ``eigvalsh`` of ``X X^H`` is several times faster than an SVD, and its largest
+    eigenvalue keeps full relative accuracy (only the small singular values lose it).
+    """
+    rows, cols = x.shape[-2:]
+    gram = x @ x.mH if rows <= cols else x.mH @ x
+    return torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+
+
 def conv_spectral_norm(
     weight: Tensor,
     grid: Sequence[int],
@@ -304,7 +315,7 @@ def conv_spectral_norm(
     groups = _check_groups(groups, w)
     best = w.new_zeros(())
     for dft in _kernel_dft_chunks(w, grid_hw, dilation_hw, onesided=True):
-        best = torch.maximum(best, torch.linalg.matrix_norm(_per_group(dft, groups), ord=2).max())
+        best = torch.maximum(best, _largest_singular_value(_per_group(dft, groups)).max())
     return best
 
 
@@ -384,7 +395,7 @@ def normalized_spectral_norm(
     eps = _check_eps(eps)
     best = w.new_zeros(())
     for q in _normalized_chunks(w, grid_hw, dilation_hw, eps, onesided=True):
-        best = torch.maximum(best, torch.linalg.matrix_norm(_per_group(q, groups), ord=2).max())
+        best = torch.maximum(best, _largest_singular_value(_per_group(q, groups)).max())
     return best
 
 
