@@ -223,7 +223,7 @@ class ConvNorm2d(nn.Module):
 
     def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
         lags = self.running_autocorrelation
-        with torch.autocast(lags.device.type, enabled=False):
+        with ops._autocast_disabled(lags.device):
             power = ops.power_spectrum_from_autocorrelation(lags.to(ops._spectrum_dtype(lags.device)), grid, self.dilation)
             return ops.inverse_sqrt_spectrum(power, self.eps).to(ops._compute_dtype(lags.dtype))
 
@@ -396,7 +396,7 @@ class ConvNormConv2d(nn.Conv2d):
         return new
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's argument name
-        if input.dim() != 4:
+        if isinstance(input, Tensor) and input.dim() != 4:  # fx proxies are not Tensors
             raise ValueError(f"ConvNormConv2d expects a 4-D input (N, C, H, W), got shape {tuple(input.shape)}")
         x = input
         if self.padding_mode != "zeros":

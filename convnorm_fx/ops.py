@@ -21,6 +21,7 @@ bfloat16 FFT; results are cast back to the dtype of the conv output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence, Union
 
@@ -73,6 +74,13 @@ def _pair(value: IntOrPair, name: str) -> tuple[int, int]:
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Float64 stays float64; everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _autocast_disabled(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device``; nothing to switch off where autocast does not exist (meta)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _spectrum_dtype(device: torch.device) -> torch.dtype:
@@ -298,7 +306,7 @@ def preconditioner_spectrum(
         - output: ``(C_out, M_h, M_w // 2 + 1)``
     """
     source = weight.detach() if stop_gradient else weight
-    with torch.autocast(weight.device.type, enabled=False):
+    with _autocast_disabled(weight.device):
         exact = source.to(_spectrum_dtype(weight.device))
         power = power_spectrum_from_autocorrelation(kernel_autocorrelation(exact), grid, dilation)
         return inverse_sqrt_spectrum(power, eps).to(_compute_dtype(weight.dtype))
@@ -323,7 +331,7 @@ def normalize_circular(y: Tensor, inv_sqrt: Tensor) -> Tensor:
             f"shape {tuple(y.shape)}; expected (..., {mh}, {mw // 2 + 1})"
         )
     compute = _compute_dtype(y.dtype)
-    with torch.autocast(y.device.type, enabled=False):
+    with _autocast_disabled(y.device):
         spectrum = torch.fft.rfft2(y.to(compute))
         filtered = torch.fft.irfft2(spectrum * inv_sqrt.to(compute), s=(mh, mw))
     return filtered.to(y.dtype)
@@ -534,6 +542,8 @@ def conv_norm_stage(
     """
     kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
     stride_hw, dilation_hw = _pair(stride, "stride"), _pair(dilation, "dilation")
+    channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     if kernel_size == (1, 1):
         out = _scale_1x1(y, weight, eps, stop_gradient, affine_weight, affine_bias, inv_sqrt) if normalize else y
     else:
@@ -556,7 +566,9 @@ def conv_norm_stage(
                 out = out + affine_bias.to(out.dtype).reshape(1, -1, 1, 1)
     if bias is not None:
         out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
-    return out
+    # The crop is a strided view; downstream reductions (BatchNorm in training) sum a view
+    # in another order than a dense tensor, so hand out a dense tensor in the conv's layout.
+    return out.contiguous(memory_format=layout)
 
 
 def _affine_crop_downsample(
@@ -606,7 +618,7 @@ def _scale_1x1(
     compute = _compute_dtype(weight.dtype)
     if inv_sqrt is None:
         source = weight.detach() if stop_gradient else weight
-        with torch.autocast(weight.device.type, enabled=False):
+        with _autocast_disabled(weight.device):
             energy = source.to(_spectrum_dtype(weight.device)).reshape(c_out, -1).square().sum(dim=1)
             scale = inverse_sqrt_spectrum(energy, eps).to(compute)
     else:

@@ -53,7 +53,7 @@ def conv_nets(draw):
         dilation = draw(st.sampled_from([1, 2])) if k > 1 else 1
         kind = draw(st.sampled_from(["module", "function", "standardized", "branch"]))
         pad = dilation * (k - 1) // 2
-        padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "circular"]))
+        padding_mode = draw(st.sampled_from(["zeros", "zeros", "replicate"]))  # reflect needs pad < size
         if kind == "module":
             layer = nn.Conv2d(channels, c_out, k, stride, pad, dilation, groups, draw(st.booleans()), padding_mode)
             sites += 1

@@ -654,12 +654,6 @@ def test_apply_twice_is_idempotent():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="ops/modules open torch.autocast(device.type, enabled=False); autocast does not exist for "
-    "'meta' (RuntimeError: unsupported scalarType), so meta forward (shape inference) fails",
-)
 def test_meta_device_forward_infers_shapes():
     with torch.device("meta"):
         model = convnorm_fx.apply(SmallNet())

@@ -94,18 +94,7 @@ TIMM_KWARGS: dict[str, dict[str, Any]] = {
 
 #: Models on which a check fails because of a bug in the library (not in the test). Each
 #: entry is marked ``xfail(strict=True)``: remove it once the bug is fixed. Keys are test ids.
-_NON_CONTIGUOUS_CROP = (
-    "(d) bypass train: rel. error > 1e-4 (2e-4 .. 1e-3). ops.crop_and_downsample returns a strided view of the "
-    "full conv output; a BatchNorm in train mode reduces a non-contiguous input in a different order (~1e-7), and "
-    "deep nets amplify it. With .contiguous() on the crop the bypassed model is bit-exact (checked by monkeypatch)"
-)
 KNOWN_LIBRARY_BUGS: dict[str, str] = {
-    "tv-inception_v3": _NON_CONTIGUOUS_CROP,
-    "tv-resnet101": _NON_CONTIGUOUS_CROP,
-    "tv-resnet152": _NON_CONTIGUOUS_CROP,
-    "tv-resnext101_32x8d": _NON_CONTIGUOUS_CROP,
-    "tv-resnext101_64x4d": _NON_CONTIGUOUS_CROP,
-    "tv-wide_resnet101_2": _NON_CONTIGUOUS_CROP,
 }
 
 # --------------------------------------------------------------------------------------
