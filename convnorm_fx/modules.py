@@ -34,6 +34,17 @@ def _is_compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward hooks (its own or global ones)."""
+    hooks = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or getattr(hooks, "_global_forward_hooks", None)
+        or getattr(hooks, "_global_forward_pre_hooks", None)
+    )
+
+
 class ConvNorm2d(nn.Module):
     """ConvNorm stage of one conv site (Liu et al. 2021, §3.2-3.3, Appendix B).
 
@@ -64,6 +75,10 @@ class ConvNorm2d(nn.Module):
             the kernel autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per
             channel) during training and uses it in eval mode; it is valid at any input size.
         momentum: running-average momentum for ``eval_spectrum='running'``.
+        algorithm: how :meth:`forward_from_input` computes the site: ``'auto'`` (default,
+            the cheaper by :func:`convnorm_fx.ops.select_algorithm`), ``'direct'`` or
+            ``'spectral'`` (see :func:`convnorm_fx.ops.conv_norm2d`). ``forward`` itself
+            always receives the full conv output and runs directly.
 
     Shape:
         - y: ``(N, C, M_h, M_w)`` with ``M = H + d (k - 1)`` (1x1 kernels: ``(N, C, H_out, W_out)``)
@@ -96,6 +111,7 @@ class ConvNorm2d(nn.Module):
         stop_gradient: bool = True,
         eval_spectrum: str = "cache",
         momentum: float = 0.1,
+        algorithm: str = "auto",
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -110,6 +126,8 @@ class ConvNorm2d(nn.Module):
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        if algorithm not in ops.ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ops.ALGORITHMS}, got {algorithm!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_channels = int(num_channels)
         self.kernel_size = ops._pair(kernel_size, "kernel_size")
@@ -130,6 +148,7 @@ class ConvNorm2d(nn.Module):
         self.stop_gradient = bool(stop_gradient)
         self.eval_spectrum = eval_spectrum
         self.momentum = float(momentum)
+        self.algorithm = algorithm
         #: When True the stage is the identity preconditioner: no P_k, no affine, no BN.
         self.bypassed = False
         if affine:
@@ -188,6 +207,8 @@ class ConvNorm2d(nn.Module):
             parts.append("stop_gradient=False")
         if self.eval_spectrum != "cache":
             parts.append(f"eval_spectrum={self.eval_spectrum!r}")
+        if getattr(self, "algorithm", "auto") != "auto":
+            parts.append(f"algorithm={self.algorithm!r}")
         return ", ".join(parts)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -289,6 +310,53 @@ class ConvNorm2d(nn.Module):
             out = self.bn(out)
         return out
 
+    def forward_from_input(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The whole site from the conv's input: feeding conv and stage in one call.
+
+        Returns what ``self(F.conv2d(x, weight, None, self.feeding_stride,
+        self.feeding_padding, self.dilation, self.groups), weight, bias)`` returns, computed
+        by the algorithm :attr:`algorithm` selects: the spectral one never forms the full
+        conv output, and keeps only ``x`` for backward. Forward hooks of this stage do not
+        run (the stage is not called); :class:`ConvNormConv2d` calls the stage instead when
+        it has hooks.
+
+        Args:
+            x: the conv's input ``(N, C_in, H, W)``, already padded if the conv's padding
+                mode is not ``'zeros'`` (the stage's ``padding`` is its zero padding).
+            weight: ``(C, C_in / g, k_h, k_w)``.
+            bias: optional ``(C,)``.
+        """
+        if self.bypassed:
+            y = F.conv2d(x, weight, None, self.feeding_stride, self.feeding_padding, self.dilation, self.groups)
+            return self(y, weight, bias)
+        if weight.shape[0] != self.num_channels or tuple(weight.shape[2:]) != self.kernel_size:
+            raise ValueError(
+                f"ConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
+                f"got a weight of shape {tuple(weight.shape)}"
+            )
+        if self.kernel_size == (1, 1):
+            grid = (1, 1)
+        else:
+            grid = ops.grid_size(x.shape[-2:], self.kernel_size, self.dilation)
+        out = ops._conv_norm_from_input(
+            x,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.eps,
+            self.stop_gradient,
+            self.affine_weight,
+            self.affine_bias,
+            self.spectrum(weight, grid),
+            getattr(self, "algorithm", "auto"),
+        )
+        if self.bn is not None:
+            out = self.bn(out)
+        return out
+
 
 class ConvNormConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ConvNorm built in: a drop-in replacement.
@@ -297,7 +365,9 @@ class ConvNormConv2d(nn.Conv2d):
     :class:`ConvNorm2d`; ``weight`` and ``bias`` keep their names, so ``nn.Conv2d``
     checkpoints load (the stage's affine and BN parameters are then reported missing).
     The forward pass is: pad (non-zero padding modes) -> conv feeding the stage (the full
-    conv, or the strided conv for 1x1) -> :class:`ConvNorm2d` (``self.norm``).
+    conv, or the strided conv for 1x1) -> :class:`ConvNorm2d` (``self.norm``), run as one
+    site by :meth:`ConvNorm2d.forward_from_input` (which may compute it in the frequency
+    domain, see ``algorithm``).
 
     Shape:
         - input: ``(N, C_in, H, W)``
@@ -330,6 +400,7 @@ class ConvNormConv2d(nn.Conv2d):
         stop_gradient: bool = True,
         eval_spectrum: str = "cache",
         momentum: float = 0.1,
+        algorithm: str = "auto",
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
@@ -350,6 +421,7 @@ class ConvNormConv2d(nn.Conv2d):
             stop_gradient=stop_gradient,
             eval_spectrum=eval_spectrum,
             momentum=momentum,
+            algorithm=algorithm,
             device=device,
             dtype=dtype,
         )
@@ -401,6 +473,11 @@ class ConvNormConv2d(nn.Conv2d):
         x = input
         if self.padding_mode != "zeros":
             x = ops.pad_for_mode(x, self._mode_padding, self.padding_mode)
+        stage = self.norm
+        # The stage's own call is kept where something observes it (hooks, fx tracing) or
+        # where it was replaced (e.g. by a frozen stage); otherwise the site runs as one.
+        if isinstance(x, Tensor) and type(stage).forward is ConvNorm2d.forward and not _has_hooks(stage):
+            return stage.forward_from_input(x, self.weight, self.bias)
         y = F.conv2d(x, self.weight, None, self.norm.feeding_stride, self.norm.feeding_padding, self.dilation, self.groups)
         return self.norm(y, self.weight, self.bias)
 

@@ -26,11 +26,16 @@ def _plain_conv(geometry, x, w, b):
     return geometry.conv(dtype=x.dtype, device=x.device.type)._conv_forward(x, w, b)
 
 
+def _spectrum_floor_ratio(geometry, w):
+    """Smallest over largest kernel power on a fine grid (which samples the spectrum densely)."""
+    grid = (geometry.height + 64, geometry.width + 64)
+    power = ops.kernel_power_spectrum(w, grid, geometry.dilation)
+    return float(power.min()) / max(float(power.max()), 1e-300)
+
+
 def _well_conditioned(geometry, w, floor=1e-3):
     """Skip draws whose spectrum has a near-null: exact ConvNorm is ill-posed there."""
-    grid = (geometry.height + 64, geometry.width + 64)  # a fine grid samples the spectrum densely
-    power = ops.kernel_power_spectrum(w, grid, geometry.dilation)
-    return float(power.min()) > floor * float(power.max())
+    return _spectrum_floor_ratio(geometry, w) > floor
 
 
 @given(geometry=tiny_geometries, seed=seeds)
@@ -280,8 +285,14 @@ def test_device_matches_cpu_float64(geometry, seed, device, dtype):
     x, w, b = geometry.tensors(seed)
     reference = _call(geometry, x, w, b)
     xs, ws, bs = geometry.tensors(seed, dtype=dtype, device=device)
-    assume(_well_conditioned(geometry, w, floor=1e-2) or dtype == torch.float64)
-    assert_close_scaled(_call(geometry, xs, ws, bs).cpu(), reference, tol=1e-10 if dtype == torch.float64 else 1e-4)
+    if dtype == torch.float64:
+        tol = 1e-10
+    else:
+        # Round-off is amplified by the preconditioner's gain, 1/sqrt of the spectrum's floor.
+        ratio = _spectrum_floor_ratio(geometry, w)
+        assume(ratio > 1e-6)
+        tol = min(1e-2, max(1e-4, 1e-5 / ratio**0.5))
+    assert_close_scaled(_call(geometry, xs, ws, bs).cpu(), reference, tol=tol)
 
 
 def test_input_errors_are_clear():

@@ -1,0 +1,291 @@
+"""The fast paths of the ConvNorm math equal the step-by-step pipeline to round-off.
+
+The reference is the pipeline of Appendix B written with the public building blocks: full
+conv -> ``normalize_circular`` (rfft2, multiply, irfft2) -> affine depthwise conv on the
+zero-extended signal -> crop -> stride -> biases. Against it, in float64 and with
+gradients:
+
+* the spectral algorithm (the whole site in the frequency domain, from the input), with
+  DFT matrices and with FFTs, in one block and in several blocks of output channels;
+* the direct algorithm's fused stage (``conv_norm_stage`` on a full conv output);
+* the 1x1 path that folds the flat preconditioner into the conv weight;
+* the Gram-matrix kernel autocorrelation;
+* the module's ``forward_from_input`` and the straightforward Algorithm 1 baseline of
+  ``benchmarks/naive_convnorm.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from convnorm_fx import ConvNormConv2d, conv_norm2d, ops
+from helpers import assert_close_scaled
+from strategies import conv_geometries, seeds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.naive_convnorm import naive_conv_norm2d  # noqa: E402
+
+#: Small geometries: gradients of a float64 reference are taken for every draw.
+geometries = conv_geometries(max_kernel=5, max_stride=3, max_dilation=2, max_channels=3, max_groups=2, max_extra_size=5)
+
+
+def _signal_and_pads(geometry, x):
+    """The signal the conv sees (mode padding applied) and its zero padding."""
+    pads = geometry.explicit_padding()
+    if geometry.padding_mode != "zeros":
+        return ops.pad_for_mode(x, pads, geometry.padding_mode), (0, 0, 0, 0)
+    return x, pads
+
+
+def _reference(geometry, x, w, b, affine_w, affine_b, eps=1e-5):
+    """Appendix B step by step, from the public building blocks."""
+    signal, pads = _signal_and_pads(geometry, x)
+    full = ops.full_padding(geometry.kernel, geometry.dilation)
+    y = F.conv2d(signal, w, None, 1, full, geometry.dilation, geometry.groups)
+    inv = ops.preconditioner_spectrum(w, y.shape[-2:], geometry.dilation, eps)
+    z = ops.normalize_circular(y, inv)
+    if affine_w is not None:
+        k, s, d = geometry.kernel, geometry.stride, geometry.dilation
+        out = ops._affine_crop_downsample(z, k, s, pads, d, affine_w, affine_b)
+    else:
+        out = ops.crop_and_downsample(z, geometry.kernel, geometry.stride, pads, geometry.dilation)
+        if affine_b is not None:
+            out = out + affine_b.reshape(1, -1, 1, 1)
+    return out if b is None else out + b.reshape(1, -1, 1, 1)
+
+
+def _affine(geometry, seed, dtype=torch.float64, device="cpu", bias=True):
+    gen = torch.Generator().manual_seed(seed + 7)
+    weight = torch.randn(geometry.out_channels, 1, *geometry.kernel, generator=gen, dtype=torch.float64)
+    offset = torch.randn(geometry.out_channels, generator=gen, dtype=torch.float64) if bias else None
+    move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(weight), move(offset)
+
+
+def _values_and_grads(fn, leaves, seed):
+    """Output of ``fn(*leaves)`` and the gradients of a fixed random projection of it."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad((out * weights.to(out)).sum(), present)
+    return out, grads
+
+
+def _assert_same(fast, reference, tol=1e-10, grad_tol=1e-10):
+    out, grads = fast
+    ref_out, ref_grads = reference
+    assert out.shape == ref_out.shape
+    assert_close_scaled(out, ref_out, tol=tol)
+    for mine, theirs in zip(grads, ref_grads):
+        assert_close_scaled(mine, theirs, tol=grad_tol)
+
+
+def _spectral_applies(geometry, x, w, affine_w) -> bool:
+    signal, pads = _signal_and_pads(geometry, x)
+    plan = ops._resolve_algorithm(
+        "spectral", signal, w, geometry.stride, pads, geometry.dilation, geometry.groups, affine_w, True
+    )
+    return plan is not None
+
+
+@pytest.mark.parametrize("route", ["dft", "fft"])
+@given(geometry=geometries, seed=seeds, with_affine=st.booleans())
+def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, monkeypatch):
+    """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm."""
+    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
+    assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
+
+    def fast(x, w, b, affine_w, affine_b):
+        return conv_norm2d(
+            x, w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
+            affine_weight=affine_w, affine_bias=affine_b, algorithm="spectral",
+        )
+
+    leaves = [x, w, b, affine_w, affine_b]
+    reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
+    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+
+
+@given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
+def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
+    """Building the kernel spectrum in blocks of output channels changes nothing."""
+    monkeypatch.setattr(ops, "_KERNEL_BLOCK_BYTES", 1)  # one output channel per block
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed)
+    assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
+
+    def fast(x, w, b, affine_w, affine_b):
+        return conv_norm2d(
+            x, w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
+            affine_weight=affine_w, affine_bias=affine_b, algorithm="spectral",
+        )
+
+    leaves = [x, w, b, affine_w, affine_b]
+    reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
+    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+
+
+@pytest.mark.parametrize("route", ["dft", "fft"])
+@given(geometry=geometries, seed=seeds, with_affine=st.booleans())
+def test_direct_stage_equals_reference(geometry, seed, with_affine, route, monkeypatch):
+    """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused)."""
+    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
+    _, pads = _signal_and_pads(geometry, x)
+    feed_stride, feed_padding = ops.feeding_conv_args(geometry.kernel, geometry.stride, pads, geometry.dilation)
+
+    def fast(x, w, b, affine_w, affine_b):
+        signal, _ = _signal_and_pads(geometry, x)
+        y = F.conv2d(signal, w, None, feed_stride, feed_padding, geometry.dilation, geometry.groups)
+        return ops.conv_norm_stage(
+            y, w, b, geometry.stride, pads, geometry.dilation, affine_weight=affine_w, affine_bias=affine_b
+        )
+
+    leaves = [x, w, b, affine_w, affine_b]
+    reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
+    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+
+
+@given(geometry=conv_geometries(max_kernel=1), seed=seeds, stop_gradient=st.booleans())
+def test_1x1_weight_folding_equals_reference(geometry, seed, stop_gradient):
+    """1x1: the preconditioner and the affine scale folded into the conv weight, with gradients."""
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed)
+
+    def fast(x, w, b, affine_w, affine_b):
+        return conv_norm2d(
+            x, w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
+            stop_gradient=stop_gradient, affine_weight=affine_w, affine_bias=affine_b,
+        )
+
+    def reference(x, w, b, affine_w, affine_b):
+        signal, pads = _signal_and_pads(geometry, x)
+        y = F.conv2d(signal, w, None, geometry.stride, (pads[0], pads[2]), geometry.dilation, geometry.groups)
+        out = ops._scale_1x1(y, w, 1e-5, stop_gradient, affine_w, affine_b, None)
+        return out if b is None else out + b.reshape(1, -1, 1, 1)
+
+    leaves = [x, w, b, affine_w, affine_b]
+    # Without stop-gradient the weight gradient of a 1x1 site nearly cancels (ConvNorm is
+    # scale invariant): what is left can be 1e-10 of its terms, so compare it less tightly.
+    _assert_same(_values_and_grads(fast, leaves, seed), _values_and_grads(reference, leaves, seed), grad_tol=1e-8)
+
+
+@given(geometry=conv_geometries(), seed=seeds)
+def test_gram_autocorrelation_equals_grouped_conv(geometry, seed):
+    """``kernel_autocorrelation`` (Gram matrices of the taps) == its definition as a grouped conv."""
+    _, w, _ = geometry.tensors(seed)
+    c_out, c_in, kh, kw = w.shape
+    definition = F.conv2d(w.reshape(1, c_out * c_in, kh, kw), w, padding=(kh - 1, kw - 1), groups=c_out)[0]
+    assert_close_scaled(ops.kernel_autocorrelation(w), definition)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "spectral"])
+@given(geometry=geometries, seed=seeds)
+def test_module_site_equals_stage_call(geometry, seed, algorithm):
+    """``ConvNormConv2d`` (one-call site) == full conv + its ``ConvNorm2d`` stage called on it."""
+    torch.manual_seed(seed % 1000)
+    conv = ConvNormConv2d.from_conv(geometry.conv(), affine_init="default", algorithm=algorithm)
+    x = geometry.tensors(seed)[0]
+    signal, _ = _signal_and_pads(geometry, x)
+    stage = conv.norm
+    y = F.conv2d(signal, conv.weight, None, stage.feeding_stride, stage.feeding_padding, conv.dilation, conv.groups)
+    for training in (True, False):
+        conv.train(training)
+        assert_close_scaled(conv(x), conv.norm(y, conv.weight, conv.bias), tol=1e-10)
+
+
+def test_module_keeps_the_stage_call_for_hooks():
+    """A forward hook on the stage sees the full conv output, as before."""
+    conv = ConvNormConv2d(3, 4, 3, padding=1).double()
+    seen = []
+    conv.norm.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    out = conv(x)
+    assert seen == [(2, 4, 10, 10)]
+    conv.norm._forward_pre_hooks.clear()
+    assert_close_scaled(conv(x), out, tol=1e-10)
+
+
+@given(geometry=geometries, seed=seeds)
+def test_naive_baseline_equals_library(geometry, seed):
+    """The Algorithm 1 baseline of the benchmarks computes the library's numbers."""
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed)
+    signal, pads = _signal_and_pads(geometry, x)
+    naive = naive_conv_norm2d(
+        signal, w, b, geometry.stride, pads, geometry.dilation, geometry.groups, 1e-5, affine_w, affine_b
+    )
+    assert_close_scaled(naive, _reference(geometry, x, w, b, affine_w, affine_b), tol=1e-10)
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "spectral"])
+def test_float64_stays_float64_and_bf16_autocast(algorithm, device):
+    x = torch.randn(2, 6, 11, 9, device=device)
+    conv = ConvNormConv2d(6, 8, 3, stride=2, padding=1, affine_init="default", algorithm=algorithm).to(device)
+    reference = conv(x)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        mixed = conv(x)
+    assert mixed.dtype == torch.bfloat16 and torch.isfinite(mixed).all()
+    assert_close_scaled(mixed.float(), reference, tol=3e-2)
+    mixed.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+    conv = conv.double()
+    x64 = x.double().requires_grad_(True)
+    out = conv(x64)
+    out.sum().backward()
+    assert out.dtype == torch.float64 and x64.grad.dtype == torch.float64 and conv.weight.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "spectral"])
+def test_channels_last_in_channels_last_out(algorithm, device):
+    conv = ConvNormConv2d(5, 7, 3, padding=1, affine_init="default", algorithm=algorithm).to(device).double()
+    x = torch.randn(2, 5, 9, 10, device=device, dtype=torch.float64)
+    expected = conv(x)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out = conv(x_cl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_scaled(out, expected, tol=1e-10)
+    out.sum().backward()
+    assert x_cl.grad is not None and torch.isfinite(x_cl.grad).all()
+
+
+@given(geometry=conv_geometries(max_channels=2), seed=seeds)
+def test_spectral_on_device_matches_cpu(geometry, seed, device):
+    """The spectral algorithm on every device agrees with the CPU float64 reference (float32 there)."""
+    x, w, b = geometry.tensors(seed)
+    affine_w, affine_b = _affine(geometry, seed)
+    assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
+    # float32 needs a well-conditioned kernel: a dominant centre tap keeps |A_k0| >= 1 at
+    # every frequency, so the spectrum S_k is bounded away from zero.
+    centre = ((geometry.kernel[0] - 1) // 2, (geometry.kernel[1] - 1) // 2)
+    w[:, 0, centre[0], centre[1]] += 1.0 + w[:, 0].abs().sum(dim=(1, 2))
+    expected = _reference(geometry, x, w, b, affine_w, affine_b)
+    xs, bs = geometry.tensors(seed, dtype=torch.float32, device=device)[::2]
+    ws = w.to(device=device, dtype=torch.float32)
+    aws, abs_ = _affine(geometry, seed, dtype=torch.float32, device=device)
+    actual = conv_norm2d(
+        xs, ws, bs, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
+        affine_weight=aws, affine_bias=abs_, algorithm="spectral",
+    )
+    assert_close_scaled(actual.cpu().double(), expected, tol=1e-4)
+
+
+def test_select_algorithm():
+    assert ops.select_algorithm((8, 16, 32, 32), (16, 16, 1, 1)) == "direct"
+    for training in (True, False):
+        assert ops.select_algorithm((32, 64, 32, 32), (64, 64, 3, 3), training=training) in ("direct", "spectral")
+    direct, spectral = ops.site_costs((32, 64, 32, 32), (128, 64, 3, 3), stride=2)
+    assert direct > 0 and spectral > 0
+    with pytest.raises(ValueError, match="algorithm"):
+        conv_norm2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), algorithm="fastest")
