@@ -75,6 +75,10 @@ class ConvNorm2d(nn.Module):
             the kernel autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per
             channel) during training and uses it in eval mode; it is valid at any input size.
         momentum: running-average momentum for ``eval_spectrum='running'``.
+        check_finite: check the weight, the input and the output of every call and raise
+            ``FloatingPointError`` naming the site (:attr:`site_name`) at the first NaN or
+            Inf. Costs one reduction per tensor (and a device sync on GPU); skipped while
+            ``torch.compile`` or ``torch.export`` traces the model. Off by default.
         algorithm: how :meth:`forward_from_input` computes the site: ``'auto'`` (default,
             the cheaper by :func:`convnorm_fx.ops.select_algorithm`), ``'direct'`` or
             ``'spectral'`` (see :func:`convnorm_fx.ops.conv_norm2d`). ``forward`` itself
@@ -111,6 +115,7 @@ class ConvNorm2d(nn.Module):
         stop_gradient: bool = True,
         eval_spectrum: str = "cache",
         momentum: float = 0.1,
+        check_finite: bool = False,
         algorithm: str = "auto",
         device: Any = None,
         dtype: torch.dtype | None = None,
@@ -149,6 +154,10 @@ class ConvNorm2d(nn.Module):
         self.eval_spectrum = eval_spectrum
         self.momentum = float(momentum)
         self.algorithm = algorithm
+        self.check_finite = bool(check_finite)
+        #: Name of the conv site this stage normalizes, used in error messages (set by
+        #: :func:`convnorm_fx.apply`).
+        self.site_name = ""
         #: When True the stage is the identity preconditioner: no P_k, no affine, no BN.
         self.bypassed = False
         if affine:
@@ -209,6 +218,8 @@ class ConvNorm2d(nn.Module):
             parts.append(f"eval_spectrum={self.eval_spectrum!r}")
         if getattr(self, "algorithm", "auto") != "auto":
             parts.append(f"algorithm={self.algorithm!r}")
+        if getattr(self, "check_finite", False):
+            parts.append("check_finite=True")
         return ", ".join(parts)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -280,6 +291,29 @@ class ConvNorm2d(nn.Module):
         self._spectrum_cache = (weakref.ref(weight), key, inv_sqrt.detach())
         return inv_sqrt
 
+    # -- finiteness checks ------------------------------------------------------------
+
+    def _checking(self) -> bool:
+        return getattr(self, "check_finite", False) and not _is_compiling()
+
+    def _require_finite(self, role: str, tensor: Tensor | None) -> None:
+        if tensor is None or not isinstance(tensor, Tensor) or tensor.device.type == "meta":
+            return
+        if bool(torch.isfinite(tensor).all()):
+            return
+        name = getattr(self, "site_name", "")
+        where = f"conv site '{name}'" if name else "a ConvNorm2d stage"
+        hints = {
+            "weight": "the weights diverged: lower the learning rate, clip gradients, or check the checkpoint",
+            "input": "it comes from an earlier layer or from the data, not from this site",
+            "conv output": "the weight is finite, so the input had NaN/Inf or the conv overflowed: check earlier layers",
+            "output": (
+                f"the input and weight are finite, so the normalization overflowed: raise eps (now {self.eps:g}) "
+                "or run this site in float32"
+            ),
+        }
+        raise FloatingPointError(f"NaN or Inf in the {role} of {where} ({tensor.dtype}): {hints[role]}")
+
     # -- forward ---------------------------------------------------------------------
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -290,6 +324,10 @@ class ConvNorm2d(nn.Module):
             )
         if y.dim() != 4 or y.shape[1] != self.num_channels:
             raise ValueError(f"expected a conv output (N, {self.num_channels}, H, W), got shape {tuple(y.shape)}")
+        checking = self._checking()
+        if checking:
+            self._require_finite("weight", weight)
+            self._require_finite("conv output", y)
         normalize = not self.bypassed
         inv_sqrt = self.spectrum(weight, self._spectrum_grid(y)) if normalize else None
         out = ops.conv_norm_stage(
@@ -308,6 +346,8 @@ class ConvNorm2d(nn.Module):
         )
         if self.bn is not None and normalize:
             out = self.bn(out)
+        if checking:
+            self._require_finite("output", out)
         return out
 
     def forward_from_input(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -334,6 +374,10 @@ class ConvNorm2d(nn.Module):
                 f"ConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
                 f"got a weight of shape {tuple(weight.shape)}"
             )
+        checking = self._checking()
+        if checking:
+            self._require_finite("weight", weight)
+            self._require_finite("input", x)
         if self.kernel_size == (1, 1):
             grid = (1, 1)
         else:
@@ -355,6 +399,8 @@ class ConvNorm2d(nn.Module):
         )
         if self.bn is not None:
             out = self.bn(out)
+        if checking:
+            self._require_finite("output", out)
         return out
 
 
@@ -400,6 +446,7 @@ class ConvNormConv2d(nn.Conv2d):
         stop_gradient: bool = True,
         eval_spectrum: str = "cache",
         momentum: float = 0.1,
+        check_finite: bool = False,
         algorithm: str = "auto",
     ) -> None:
         super().__init__(
@@ -421,6 +468,7 @@ class ConvNormConv2d(nn.Conv2d):
             stop_gradient=stop_gradient,
             eval_spectrum=eval_spectrum,
             momentum=momentum,
+            check_finite=check_finite,
             algorithm=algorithm,
             device=device,
             dtype=dtype,

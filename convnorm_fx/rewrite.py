@@ -69,6 +69,8 @@ class ConvNormConfig:
     eval_spectrum: str = "cache"
     # Momentum of the running spectrum.
     momentum: float = 0.1
+    # Raise FloatingPointError naming the site at the first NaN/Inf in a weight, input or output.
+    check_finite: bool = False
 
     def __post_init__(self) -> None:
         if self.bn not in _BN_POLICIES or not isinstance(self.bn, (str, bool)):
@@ -83,6 +85,7 @@ class ConvNormConfig:
             stop_gradient=self.stop_gradient,
             eval_spectrum=self.eval_spectrum,
             momentum=self.momentum,
+            check_finite=self.check_finite,
             device="meta",
         )
 
@@ -95,6 +98,7 @@ class ConvNormConfig:
             "stop_gradient": self.stop_gradient,
             "eval_spectrum": self.eval_spectrum,
             "momentum": self.momentum,
+            "check_finite": self.check_finite,
         }
 
 
@@ -584,6 +588,7 @@ def _rewrite_functional_owner(
             dtype=reference.dtype,
             **config.stage_options(bn),
         )
+        stage.site_name = planned.site.name
         stage_name = "convnorm" if planned.function_index == 0 else f"convnorm_{planned.function_index}"
         gm.add_submodule(stage_name, stage)
         with graph.inserting_before(node):
@@ -614,6 +619,7 @@ def apply(
     stop_gradient: bool = True,
     eval_spectrum: str = "cache",
     momentum: float = 0.1,
+    check_finite: bool = False,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
     inplace: bool = False,
@@ -631,6 +637,10 @@ def apply(
             already flow into a normalization), ``True`` (always) or ``False`` (never).
         affine, affine_init, eps, stop_gradient, eval_spectrum, momentum: options of every
             :class:`~convnorm_fx.modules.ConvNorm2d` stage.
+        check_finite: make every stage raise ``FloatingPointError`` naming its site at the
+            first NaN or Inf in its weight, input or output (for debugging divergence; one
+            reduction per tensor, skipped under ``torch.compile``). Toggle it later with
+            ``stage.check_finite`` on the :class:`~convnorm_fx.modules.ConvNorm2d` modules.
         filter_fn: ``filter_fn(module, name) -> bool``; ``False`` leaves that site as it is
             (reported as skipped). ``module`` is the conv, or the module calling ``F.conv2d``.
         overrides: per-site options by exact name or full-match regex, checked in order:
@@ -654,7 +664,7 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects an nn.Module, got {type(model).__name__}")
-    base = ConvNormConfig(bn, affine, affine_init, eps, stop_gradient, eval_spectrum, momentum)
+    base = ConvNormConfig(bn, affine, affine_init, eps, stop_gradient, eval_spectrum, momentum, check_finite)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be a callable (module, name) -> bool")
     if overrides is not None:
@@ -685,7 +695,9 @@ def apply(
         planned.site.bn = use_bn
         if planned.site.kind == "module":
             conv = model.get_submodule(planned.module_fqn)
-            _set_submodule(model, planned.module_fqn, ConvNormConv2d.from_conv(conv, **config.stage_options(use_bn)))
+            swapped = ConvNormConv2d.from_conv(conv, **config.stage_options(use_bn))
+            swapped.norm.site_name = planned.site.name
+            _set_submodule(model, planned.module_fqn, swapped)
         else:
             functional.setdefault(planned.module_fqn, []).append((planned, config, use_bn))
 

@@ -568,6 +568,117 @@ def test_non_finite_weight_gives_non_finite_outputs_and_recovers(bad):
     torch.testing.assert_close(model(x), expected)
 
 
+class StandardizedConv(nn.Module):
+    """A conv whose weight is computed (standardized) and fed to F.conv2d: a functional site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, padding=1)
+
+
+class WeightStandardizedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.ws = StandardizedConv()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ws(F.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_check_finite_names_the_site_of_a_bad_weight(training):
+    model = rewritten(norm=False, bn=False, check_finite=True).train(training)
+    x, _ = batch()
+    model(x)  # all finite: nothing raised
+    with torch.no_grad():
+        model.conv2.weight[3, 1, 0, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the weight of conv site 'conv2'.*learning rate"):
+        model(x)
+
+
+def test_check_finite_names_the_first_site_that_sees_a_bad_input():
+    model = rewritten(check_finite=True)
+    x, _ = batch()
+    x[2, 1, 3, 3] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the input of conv site 'stem'.*earlier layer"):
+        model(x)
+
+
+def test_check_finite_reports_overflow_in_the_site_itself():
+    """Finite input and weight, but the float32 range is exceeded inside the site."""
+    model = rewritten(norm=False, bn=False, check_finite=True)
+    x, _ = batch()
+    x.mul_(1e37)
+    with pytest.raises(FloatingPointError, match=r"NaN or Inf in the output of conv site 'stem'.*raise eps"):
+        model(x)
+
+
+def test_check_finite_names_functional_sites_and_stages_in_the_graph():
+    """Sites rewritten in a graph (stage called on the full conv output) name the owner's site."""
+    torch.manual_seed(0)
+    model = convnorm_fx.apply(WeightStandardizedNet(), check_finite=True)
+    names = [s.name for s in convnorm_fx.rewrite_report(model).sites]
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    with torch.no_grad():
+        model.ws.weight[0, 0, 0, 0] = float("nan")
+    functional_site = next(n for n in names if n != "stem")
+    assert functional_site.startswith("ws")
+    with pytest.raises(FloatingPointError, match=rf"weight of conv site '{functional_site}'"):
+        model(x)
+    # The stage in the graph sees the full conv output, which a bad input poisons.
+    with torch.no_grad():
+        model.ws.weight[0, 0, 0, 0] = 0.0
+    stage = next(m for m in model.modules() if isinstance(m, ConvNorm2d) and m.site_name == functional_site)
+    y = torch.full((2, 8, 10, 10), float("nan"))
+    with pytest.raises(FloatingPointError, match=rf"conv output of conv site '{functional_site}'"):
+        stage(y, model.ws.weight)
+
+
+def test_check_finite_is_off_by_default_and_can_be_toggled():
+    model = rewritten(norm=False, bn=False)
+    stages = [m for m in model.modules() if isinstance(m, ConvNorm2d)]
+    assert stages and all(not s.check_finite for s in stages)
+    assert {s.site_name for s in stages} == {s.name for s in convnorm_fx.rewrite_report(model).sites}
+    x, _ = batch()
+    x[0, 0, 0, 0] = float("nan")
+    assert not torch.isfinite(model(x)).all()  # documented default: NaN propagates, nothing raised
+    for stage in stages:
+        stage.check_finite = True
+    with pytest.raises(FloatingPointError):
+        model(x)
+
+
+def test_check_finite_keeps_compiled_models_in_one_graph():
+    torch._dynamo.reset()
+    model = rewritten(check_finite=True)
+    x, _ = batch()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    assert_close_scaled(compiled(x), model(x), 1e-6)
+
+
+def test_check_finite_survives_pickling():
+    model = rewritten(check_finite=True)
+    clone = torch.load(io.BytesIO(_saved(model)), weights_only=False)
+    stage = next(m for m in clone.modules() if isinstance(m, ConvNorm2d))
+    assert stage.check_finite and stage.site_name
+    assert "check_finite=True" in repr(stage)
+
+
+def _saved(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("eps", [1e-5, 1e-2])
 def test_eps_bounds_the_gain_for_vanishing_channel_energy(eps):
     """``(S_k + eps)^{-1/2} <= eps^{-1/2}``: with almost no kernel energy the stage is a gain of
