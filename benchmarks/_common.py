@@ -183,6 +183,18 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str, args: argpa
     return paths
 
 
+def publish(
+    prefix: str, key: str, records: list[dict[str, Any]], markdown: str, env: dict[str, Any], command: str,
+    device: torch.device, args: argparse.Namespace,
+) -> None:
+    """Print the markdown tables and write them with the JSON records (see :func:`write_results`)."""
+    print()
+    print(markdown)
+    payload = {"environment": env, "command": command, key: records}
+    paths = write_results(result_stem(prefix, device, args), payload, markdown, args)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+
+
 def result_stem(prefix: str, device: torch.device, args: argparse.Namespace) -> str:
     """File stem that names the settings, e.g. ``layer_cpu_float32_quick``."""
     parts = [prefix, device.type, "amp-bf16" if args.amp else args.dtype]

@@ -276,12 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             f"naive {f['naive']:8.2f} | train conv {t['conv']:8.2f} cn {t['convnorm']:8.2f} naive {t['naive']:8.2f} ms",
             flush=True,
         )
-    markdown = _markdown(records, env, command)
-    print()
-    print(markdown)
-    payload = {"environment": env, "command": command, "sites": records}
-    paths = common.write_results(common.result_stem("layer", device, args), payload, markdown, args)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
+    common.publish("layer", "sites", records, _markdown(records, env, command), env, command, device, args)
 
 
 if __name__ == "__main__":

@@ -398,12 +398,7 @@ def main(argv: list[str] | None = None) -> None:
             f"eval orig {e['original']:7.1f} CN {e['convnorm']:7.1f} ({e['convnorm'] / e['original']:.2f}x) {extra}",
             flush=True,
         )
-    markdown = _markdown(records, env, command)
-    print()
-    print(markdown)
-    payload = {"environment": env, "command": command, "models": records}
-    paths = common.write_results(common.result_stem("models", device, args), payload, markdown, args)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
+    common.publish("models", "models", records, _markdown(records, env, command), env, command, device, args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import ops
+from .cond_conv import ConvNormCondConv2d
 from .modules import ConvNorm2d, bypass
 from .report import rewrite_report
 
@@ -99,6 +101,18 @@ def check_sites(original: nn.Module, rewritten: nn.Module, input_size: Sequence[
                 stage_inputs[name] = (stage, weight.detach(), grid)
 
             handles.append(module.register_forward_pre_hook(record))
+        elif isinstance(module, ConvNormCondConv2d):
+            # Its stage is never called (the kernel is mixed per sample): measure every
+            # sample's kernel, each one's channels as channels of the stage.
+            def record_cond(conv: nn.Module, args: Any, kwargs: dict[str, Any], name: str = name) -> None:
+                x = args[0] if args else kwargs["x"]
+                routing = args[1] if len(args) > 1 else kwargs["routing_weights"]
+                weight, _ = conv.mixed_kernels(routing)
+                size = conv.grouped_signal(x).shape[-2:]
+                grid = (1, 1) if conv.kernel_size == (1, 1) else ops.grid_size(size, conv.kernel_size, conv.dilation)
+                stage_inputs[f"{name}.norm" if name else "norm"] = (conv.norm, weight.detach(), grid)
+
+            handles.append(module.register_forward_pre_hook(record_cond, with_kwargs=True))
     try:
         expected = _capture_outputs(original, names, x)
         with bypass(rewritten):

@@ -11,6 +11,9 @@ intact, so that its class, its other methods (timm's ``forward_features``,
 
 * a plain ``nn.Conv2d`` module becomes a :class:`~convnorm_fx.modules.ConvNormConv2d` that
   shares its Parameters;
+* timm's ``CondConv2d`` (per-sample mixed expert kernels) becomes a
+  :class:`~convnorm_fx.cond_conv.ConvNormCondConv2d` that shares its Parameters and
+  normalizes each sample's kernel on its own;
 * a functional conv (``F.conv2d``/``torch.conv2d`` on a learned or computed weight, e.g.
   timm's weight-standardized convs) is rewritten in the graph of the module whose forward
   calls it, and that module is replaced by its rewritten ``GraphModule`` (same Parameters,
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import report as rep
+from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
 from .modules import ConvNorm2d, ConvNormConv2d
 from .ops import DEFAULT_EPS
 from .report import ConvSite, RewriteReport
@@ -147,9 +151,8 @@ _MAX_HOPS = 4
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _ARG_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 # Modules that convolve but cannot be normalized per output channel, with the reason.
-_UNSUPPORTED_CONV_CLASSES = {
-    "CondConv2d": "mixes per-sample expert kernels (CondConv): the conv's geometry depends on the batch",
-}
+# (timm's CondConv2d is not one: each sample's mixed kernel is normalized on its own.)
+_UNSUPPORTED_CONV_CLASSES: dict[str, str] = {}
 
 
 def _is_norm_module(module: nn.Module) -> bool:
@@ -303,7 +306,16 @@ class _Planner:
     # -- discovery ---------------------------------------------------------------------
 
     def run(self) -> list[_Planned]:
-        self._visit(self.model, "")
+        if is_cond_conv2d(self.model) or isinstance(self.model, ConvNormCondConv2d):
+            # A CondConv is always a leaf (its grouped conv depends on the batch size): the
+            # model itself is then the one site, swapped as a whole.
+            self._seen_modules.add("")
+            if is_cond_conv2d(self.model):
+                self._add_cond_conv_site(self.model, "", rep.MODULE_SWAP, "the model is a CondConv2d; swapped", None)
+            else:
+                self._add_cond_conv_site(self.model, "", rep.ALREADY, "ConvNormCondConv2d", None)
+        else:
+            self._visit(self.model, "")
         self._sweep_unvisited()
         return self.planned
 
@@ -329,8 +341,8 @@ class _Planner:
         children = list(module.named_children())
         stuck = []
         for name, child in children:
-            if not _has_conv_work(child):
-                continue
+            if not _has_conv_work(child) or is_cond_conv2d(child) or isinstance(child, ConvNormCondConv2d):
+                continue  # (CondConvs are leaves anyway)
             try:
                 trace(child, **self.tracer_options)
             except TracingFailed as e:
@@ -368,6 +380,14 @@ class _Planner:
             elif isinstance(child, ConvNormConv2d):
                 self._seen_modules.add(fqn)
                 self._add_module_site(child, fqn, rep.ALREADY, "ConvNormConv2d", None)
+            elif is_cond_conv2d(child):
+                self._seen_modules.add(fqn)
+                followed = _next_sibling_norm(module, name)
+                reason = f"'{prefix or type(module).__name__}' could not be traced; swapped in place"
+                self._add_cond_conv_site(child, fqn, rep.MODULE_SWAP, reason, followed)
+            elif isinstance(child, ConvNormCondConv2d):
+                self._seen_modules.add(fqn)
+                self._add_cond_conv_site(child, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
             elif _has_conv_work(child):
                 self._visit(child, fqn)
 
@@ -384,6 +404,15 @@ class _Planner:
         elif isinstance(module, ConvNormConv2d):
             self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
+        elif is_cond_conv2d(module):
+            self._seen_modules.add(fqn)
+            followed = _flows_into_norm(node, root)
+            reason = f"{type(module).__name__} in the traced graph"
+            self._add_cond_conv_site(module, fqn, rep.GRAPH_REWRITE, reason, followed)
+            self.planned[-1].pooled_input = _reads_pooled_map(node, root)
+        elif isinstance(module, ConvNormCondConv2d):
+            self._seen_modules.add(fqn)
+            self._add_cond_conv_site(module, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
         elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
@@ -473,6 +502,20 @@ class _Planner:
         self.planned.append(_Planned(site=site, module_fqn=fqn, followed_by=followed))
         self.report.sites.append(site)
 
+    def _add_cond_conv_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
+        """A CondConv2d (or its rewritten form): the geometry of one sample's conv, and how it runs."""
+        if action != rep.ALREADY:
+            reason += (
+                f"; per-sample CondConv ({module.num_experts} experts): each sample's mixed kernel is "
+                f"normalized on its own (grouped conv, groups = batch x {module.groups}), its spectrum "
+                "computed per sample in train and eval"
+            )
+        self._add_module_site(module, fqn, action, reason, followed)
+        site = self.planned[-1].site
+        site.padding_mode = "zeros"
+        if module.dynamic_padding:
+            site.padding = "same"  # timm's TF "same" padding, computed from each input
+
     def _sweep_unvisited(self) -> None:
         """Convs that no graph reached (not called by forward, or inside leaves): list them all."""
         for fqn, module in self.model.named_modules():
@@ -487,6 +530,16 @@ class _Planner:
             elif isinstance(module, ConvNormConv2d):
                 self._seen_modules.add(fqn)
                 self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
+            elif is_cond_conv2d(module):
+                parent_name, _, name = fqn.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                self._seen_modules.add(fqn)
+                followed = _next_sibling_norm(parent, name)
+                reason = "not called by the traced forward(); swapped in place"
+                self._add_cond_conv_site(module, fqn, rep.MODULE_SWAP, reason, followed)
+            elif isinstance(module, ConvNormCondConv2d):
+                self._seen_modules.add(fqn)
+                self._add_cond_conv_site(module, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
             elif isinstance(module, nn.Conv2d) and fqn not in self._function_counts:
                 self._seen_modules.add(fqn)
                 reason = f"{type(module).__name__} changes nn.Conv2d's forward and was not reached by a traced graph"
@@ -502,7 +555,9 @@ class _Planner:
 def _has_conv_work(module: nn.Module) -> bool:
     """Whether a module holds convs, stages, or 4-D parameters a forward might convolve with."""
     return any(
-        isinstance(m, (nn.Conv2d, ConvNorm2d)) or any(p.dim() == 4 for p in m.parameters(recurse=False))
+        isinstance(m, (nn.Conv2d, ConvNorm2d))
+        or is_cond_conv2d(m)
+        or any(p.dim() == 4 for p in m.parameters(recurse=False))
         for m in module.modules()
     )
 
@@ -695,9 +750,13 @@ def apply(
         planned.site.bn = use_bn
         if planned.site.kind == "module":
             conv = model.get_submodule(planned.module_fqn)
-            swapped = ConvNormConv2d.from_conv(conv, **config.stage_options(use_bn))
+            wrap = ConvNormCondConv2d.from_cond_conv if is_cond_conv2d(conv) else ConvNormConv2d.from_conv
+            swapped = wrap(conv, **config.stage_options(use_bn))
             swapped.norm.site_name = planned.site.name
-            _set_submodule(model, planned.module_fqn, swapped)
+            if planned.module_fqn:
+                _set_submodule(model, planned.module_fqn, swapped)
+            else:
+                model = swapped  # the model is one CondConv2d
         else:
             functional.setdefault(planned.module_fqn, []).append((planned, config, use_bn))
 

@@ -10,6 +10,9 @@ and timm's leaf registry contains conv-bearing blocks (``NormFreeBlock``, ``Mobi
   shows up as the ``F.conv2d`` call that really runs;
 * borrows timm's leaf modules and autowrapped functions, except leaves that contain a conv,
   and autowraps timm's dynamic "same" padding so that shape arithmetic does not break tracing;
+* makes timm's ``CondConv2d`` (per-sample expert kernels; its grouped conv depends on the
+  batch size) and its rewritten :class:`~convnorm_fx.cond_conv.ConvNormCondConv2d` leaves, so
+  each is one ``call_module`` node that a module swap replaces;
 * treats :class:`~convnorm_fx.modules.ConvNorm2d` stages and (optionally)
   :class:`~convnorm_fx.modules.ConvNormConv2d` as leaves, so a rewritten model traces too.
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
 from .modules import ConvNorm2d, ConvNormConv2d
 
 __all__ = [
@@ -109,6 +113,8 @@ class ConvTracer(fx.Tracer):
             return True
         if isinstance(m, ConvNorm2d):
             return True
+        if is_cond_conv2d(m) or isinstance(m, ConvNormCondConv2d):
+            return True  # traced through, its conv's groups would be a proxy of the batch size
         if isinstance(m, ConvNormConv2d):
             return not self._trace_convnorm_convs
         if isinstance(m, nn.Conv2d):

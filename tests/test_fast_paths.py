@@ -96,11 +96,8 @@ def _spectral_applies(geometry, x, w, affine_w) -> bool:
     return plan is not None
 
 
-@pytest.mark.parametrize("route", ["dft", "fft"])
-@given(geometry=geometries, seed=seeds, with_affine=st.booleans())
-def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, monkeypatch):
-    """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm."""
-    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+def _check_spectral_site(geometry, seed, with_affine):
+    """Values and gradients of ``conv_norm2d(algorithm='spectral')`` against the reference."""
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
@@ -116,23 +113,19 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
     _assert_same(_values_and_grads(fast, leaves, seed), reference)
 
 
+@pytest.mark.parametrize("route", ["dft", "fft"])
+@given(geometry=geometries, seed=seeds, with_affine=st.booleans())
+def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, monkeypatch):
+    """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm."""
+    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+    _check_spectral_site(geometry, seed, with_affine)
+
+
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
 def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
     """Building the kernel spectrum in blocks of output channels changes nothing."""
     monkeypatch.setattr(ops, "_KERNEL_BLOCK_BYTES", 1)  # one output channel per block
-    x, w, b = geometry.tensors(seed)
-    affine_w, affine_b = _affine(geometry, seed)
-    assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
-
-    def fast(x, w, b, affine_w, affine_b):
-        return conv_norm2d(
-            x, w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
-            affine_weight=affine_w, affine_bias=affine_b, algorithm="spectral",
-        )
-
-    leaves = [x, w, b, affine_w, affine_b]
-    reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
-    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+    _check_spectral_site(geometry, seed, with_affine=True)
 
 
 @pytest.mark.parametrize("route", ["dft", "fft"])

@@ -3,7 +3,7 @@
 For each model (random weights, small input) the rewritten model must
 
 (a) report exactly the conv sites an independent count finds (``zoo_models.expected_sites``);
-(b) rewrite every learned conv, and skip only non-learned ones (BlurPool2d, CondConv2d);
+(b) rewrite every learned conv (CondConv2d per sample), and skip only non-learned ones (BlurPool2d);
 (c) run forward and backward;
 (d) reproduce the original's outputs inside :func:`convnorm_fx.bypass`, in eval and train mode;
 (e) with ConvNorm on, give finite outputs and a finite gradient to every learned conv weight;
@@ -30,10 +30,12 @@ import torch
 from torch import fx, nn
 
 import convnorm_fx
-from convnorm_fx import ConvNorm2d, ConvNormConv2d
+from convnorm_fx import ConvNorm2d, ConvNormCondConv2d, ConvNormConv2d
 from zoo_models import (
     FAST_MODELS,
     KNOWN_LIBRARY_BUGS,
+    NON_LEARNED_CONV_OWNERS,
+    PER_SAMPLE_CONV_CLASSES,
     TIMM_MODELS,
     TV_HUGE,
     TV_MODELS,
@@ -115,12 +117,13 @@ def _rel_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> floa
 
 
 def _executed_convs(model: nn.Module, x: torch.Tensor) -> tuple[set[str], list[torch.Tensor]]:
-    """Names of the nn.Conv2d modules a train-mode forward of ``model`` calls, and its outputs."""
+    """Names of the learned conv modules (nn.Conv2d, CondConv2d) a train-mode forward of ``model``
+    calls, and its outputs."""
     called: set[str] = set()
     hooks = [
         module.register_forward_pre_hook(lambda m, args, fqn=fqn: called.add(fqn))
         for fqn, module in model.named_modules()
-        if isinstance(module, nn.Conv2d)
+        if isinstance(module, nn.Conv2d) or type(module).__name__ in PER_SAMPLE_CONV_CLASSES
     ]
     try:
         outputs = _run(model, x, train=True)
@@ -196,7 +199,11 @@ def _check_model(model_id: str, record: dict[str, Any]) -> None:
         if want.category == "learned":
             assert site.action in REWRITTEN_ACTIONS, f"{fqn} ({want.conv_class}): {site.action}: {site.reason}"
             new = rewritten.get_submodule(fqn)
-            if site.kind == "module":
+            if want.conv_class in PER_SAMPLE_CONV_CLASSES:
+                assert site.kind == "module" and isinstance(new, ConvNormCondConv2d), f"{fqn} is a {type(new).__name__}"
+                word = PER_SAMPLE_CONV_CLASSES[want.conv_class]
+                assert word in site.reason, f"{fqn} ({want.conv_class}) rewritten for: {site.reason}"
+            elif site.kind == "module":
                 assert isinstance(new, ConvNormConv2d), f"{fqn} is a {type(new).__name__} after '{site.action}'"
             else:
                 assert isinstance(new, fx.GraphModule), f"{fqn} is a {type(new).__name__} after a graph rewrite"
@@ -204,7 +211,7 @@ def _check_model(model_id: str, record: dict[str, Any]) -> None:
         elif want.category == "out_of_scope":
             assert site.action == "not rewritten", f"{fqn} ({want.conv_class}): {site.action}: {site.reason}"
         else:
-            word = {"BlurPool2d": "buffer", "CondConv2d": "CondConv"}[want.conv_class]
+            word = NON_LEARNED_CONV_OWNERS[want.conv_class]
             assert site.action == "skipped", f"{fqn} ({want.conv_class}): {site.action}: {site.reason}"
             assert word in site.reason, f"{fqn} ({want.conv_class}) skipped for: {site.reason}"
             if want.conv_class == "BlurPool2d":  # a fixed filter: strict=True must not count it

@@ -57,7 +57,7 @@ TIMM_MODELS = [
     "regnetx_002",  # regnet
     "efficientnet_b0",  # efficientnet: depthwise, SE convs
     "tf_efficientnet_b0",  # Conv2dSame (dynamic TF "same" padding)
-    "efficientnet_cc_b0_4e",  # CondConv2d: per-sample expert kernels, must be skipped
+    "efficientnet_cc_b0_4e",  # CondConv2d: per-sample expert kernels, each sample normalized on its own
     "mobilenetv3_small_050",  # mobilenetv3
     "tf_mobilenetv3_small_minimal_100",  # Conv2dSame in a mobilenet
     "mixnet_s",  # MixedConv2d (several kernel sizes over channel splits)
@@ -169,11 +169,17 @@ OUT_OF_SCOPE_CLASSES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspo
 
 #: Modules that are not ``nn.Conv2d`` but whose own forward calls ``F.conv2d`` once, on a
 #: weight that is not a learned kernel of theirs, with a word the skip reason must contain.
-#: (Checked against timm 1.0.31's sources: BlurPool2d convolves with its ``filt`` buffer;
-#: CondConv2d mixes expert kernels per sample by a routing matmul.)
+#: (Checked against timm 1.0.31's sources: BlurPool2d convolves with its ``filt`` buffer.)
 NON_LEARNED_CONV_OWNERS = {
     "BlurPool2d": "buffer",
-    "CondConv2d": "CondConv",
+}
+
+#: Learned convs that are not ``nn.Conv2d``, with a word the rewrite reason must contain.
+#: (timm 1.0.31: CondConv2d keeps ``E`` expert kernels as one ``(E, C_out * C_in/g * k * k)``
+#: Parameter and convolves each sample with its routing-weighted mix; it is one site and
+#: must be rewritten, each sample's mixed kernel normalized on its own.)
+PER_SAMPLE_CONV_CLASSES = {
+    "CondConv2d": "per-sample CondConv",
 }
 
 
@@ -193,6 +199,8 @@ def expected_sites(model: nn.Module) -> dict[str, ExpectedSite]:
             sites[fqn] = ExpectedSite(fqn, name, "learned")
         elif isinstance(module, OUT_OF_SCOPE_CLASSES):
             sites[fqn] = ExpectedSite(fqn, name, "out_of_scope")
+        elif name in PER_SAMPLE_CONV_CLASSES:
+            sites[fqn] = ExpectedSite(fqn, name, "learned")
         elif name in NON_LEARNED_CONV_OWNERS:
             sites[fqn] = ExpectedSite(fqn, name, "non_learned")
     return sites
