@@ -113,11 +113,15 @@ def _check_spectral_site(geometry, seed, with_affine):
     _assert_same(_values_and_grads(fast, leaves, seed), reference)
 
 
+@pytest.mark.parametrize("kernel_route", ["table", "kernel-fft"])
 @pytest.mark.parametrize("route", ["dft", "fft"])
 @given(geometry=geometries, seed=seeds, with_affine=st.booleans())
-def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, monkeypatch):
-    """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm."""
+def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, kernel_route, monkeypatch):
+    """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm,
+    with signals transformed by DFT matrices or FFTs, and kernels (forward) and their gradients
+    (backward) by phase tables or FFTs."""
     monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+    monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
     _check_spectral_site(geometry, seed, with_affine)
 
 
@@ -128,11 +132,13 @@ def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
     _check_spectral_site(geometry, seed, with_affine=True)
 
 
+@pytest.mark.parametrize("kernel_route", ["table", "kernel-fft"])
 @pytest.mark.parametrize("route", ["dft", "fft"])
 @given(geometry=geometries, seed=seeds, with_affine=st.booleans())
-def test_direct_stage_equals_reference(geometry, seed, with_affine, route, monkeypatch):
+def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kernel_route, monkeypatch):
     """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused)."""
     monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
+    monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     _, pads = _signal_and_pads(geometry, x)
@@ -174,9 +180,12 @@ def test_1x1_weight_folding_equals_reference(geometry, seed, stop_gradient):
     _assert_same(_values_and_grads(fast, leaves, seed), _values_and_grads(reference, leaves, seed), grad_tol=1e-8)
 
 
+@pytest.mark.parametrize("route", ["gram", "fft"])
 @given(geometry=conv_geometries(), seed=seeds)
-def test_gram_autocorrelation_equals_grouped_conv(geometry, seed):
-    """``kernel_autocorrelation`` (Gram matrices of the taps) == its definition as a grouped conv."""
+def test_gram_autocorrelation_equals_grouped_conv(geometry, seed, route, monkeypatch):
+    """``kernel_autocorrelation`` (Gram matrices of the taps, or FFTs on the (2k-1)-grid for
+    large kernels) == its definition as a grouped conv."""
+    monkeypatch.setattr(ops, "_AUTOCORRELATION_FFT_TAPS", 10**9 if route == "gram" else 0)
     _, w, _ = geometry.tensors(seed)
     c_out, c_in, kh, kw = w.shape
     definition = F.conv2d(w.reshape(1, c_out * c_in, kh, kw), w, padding=(kh - 1, kw - 1), groups=c_out)[0]
