@@ -871,16 +871,18 @@ def _tap_table(plan: _SpectralPlan, complex_dtype: torch.dtype, device: torch.de
 
 #: Kernels go to the grid by FFT when they have more taps than this many times log2 of the
 #: grid's size, else by the phase-table matmul (whose cost grows with the taps). Measured on
-#: CPU: the matmul is 2-4x faster for 3x3 to 7x7 kernels on every ResNet grid, the FFT 3x
-#: faster for a 32x32 patchify kernel on a 255x255 grid.
+#: CPU: the matmul is 2-4x faster for 3x3 to 7x7 kernels on every ResNet grid and 2x faster
+#: for 16x16 patches, the FFT 3x faster for a 32x32 patchify kernel on a 255x255 grid.
 _KERNEL_FFT_FACTOR = 4.0
+#: ... and more than this many taps: the matmul still wins for 16x16 patch kernels on a 239x239 grid.
+_KERNEL_FFT_MIN_TAPS = 256
 
 
 def _taps_by_fft(plan: _SpectralPlan, affine: bool) -> bool:
     """Whether kernels go to and from the grid by FFT rather than by the phase-table matmul."""
     rows, cols = plan.rows, plan.cols
     taps = len(rows.halo) * len(cols.halo) if affine else len(rows.taps) * len(cols.taps)
-    return taps > _KERNEL_FFT_FACTOR * math.log2(rows.grid * cols.grid)
+    return taps > max(_KERNEL_FFT_MIN_TAPS, _KERNEL_FFT_FACTOR * math.log2(rows.grid * cols.grid))
 
 
 def _tap_positions(plan: _SpectralPlan, affine: bool) -> tuple[list[int], list[int]]:
@@ -1373,7 +1375,7 @@ def site_costs(
     stage = _transform_cost(n * c_out, mh, mw, mh, mw) + _transform_cost(n * c_out, kept_h, kept_w, mh, mw)
     direct = passes * conv + stage * (2.5 if training else 1.0) + pass_cost * c_out * (3 if training else 1)
     # Spectral: input transform, products, inverse; backward adds 2 transforms + 2 products.
-    if kh * kw > _KERNEL_FFT_FACTOR * math.log2(mh * mw):  # see _taps_by_fft
+    if kh * kw > max(_KERNEL_FFT_MIN_TAPS, _KERNEL_FFT_FACTOR * math.log2(mh * mw)):  # see _taps_by_fft
         kernel = c_out * c_in_g * (_FFT_COST * mh * mw * math.log2(mh * mw) + 16 * _BYTE_COST * freqs)
     else:
         kernel = freqs * c_out * c_in_g * (4 * kh * kw + 8 * _BYTE_COST)

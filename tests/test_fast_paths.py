@@ -122,6 +122,7 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
     (backward) by phase tables or FFTs."""
     monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
     monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
+    monkeypatch.setattr(ops, "_KERNEL_FFT_MIN_TAPS", 0)
     _check_spectral_site(geometry, seed, with_affine)
 
 
@@ -139,6 +140,7 @@ def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kerne
     """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused)."""
     monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
     monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
+    monkeypatch.setattr(ops, "_KERNEL_FFT_MIN_TAPS", 0)
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     _, pads = _signal_and_pads(geometry, x)
