@@ -750,7 +750,11 @@ def apply(
         planned.site.bn = use_bn
         if planned.site.kind == "module":
             conv = model.get_submodule(planned.module_fqn)
-            wrap = ConvNormCondConv2d.from_cond_conv if is_cond_conv2d(conv) else ConvNormConv2d.from_conv
+            wrap = ConvNormConv2d.from_conv
+            if is_cond_conv2d(conv):
+                wrap = ConvNormCondConv2d.from_cond_conv
+                if config.eval_spectrum == "running":
+                    planned.site.reason += "; eval_spectrum='running' does not apply (a new kernel per sample)"
             swapped = wrap(conv, **config.stage_options(use_bn))
             swapped.norm.site_name = planned.site.name
             if planned.module_fqn:

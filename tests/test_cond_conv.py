@@ -309,6 +309,12 @@ def test_apply_rewrites_cond_convs_with_bn_auto(data_dependent):
     assert [s.action for s in again.sites] == ["already rewritten"] * 2
 
 
+def test_report_says_running_spectrum_does_not_apply():
+    model = convnorm_fx.apply(_TinyCondNet().eval(), eval_spectrum="running")
+    for site in rewrite_report(model).sites:
+        assert site.rewritten and "eval_spectrum='running' does not apply" in site.reason
+
+
 def test_apply_graph_module_keeps_cond_convs_as_leaves():
     torch.manual_seed(0)
     model = _TinyCondNet().eval()
