@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import ConvNorm2d
+from .modules import ConvNorm2d, adopt_conv_parameters
 from .ops import IntOrPair
 
 __all__ = ["ConvNormCondConv2d", "is_cond_conv2d"]
@@ -204,12 +204,7 @@ class ConvNormCondConv2d(nn.Module):
             dtype=weight.dtype,
             **stage_options,
         )
-        new.weight = weight
-        new.bias = cond_conv.bias
-        new.norm.to_empty(device=weight.device)
-        new.norm.reset_parameters()
-        new.train(cond_conv.training)
-        return new
+        return adopt_conv_parameters(new, cond_conv)
 
     def extra_repr(self) -> str:
         parts = [

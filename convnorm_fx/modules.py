@@ -45,6 +45,21 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def adopt_conv_parameters(new: nn.Module, conv: nn.Module) -> Any:
+    """Give ``new`` (built on the meta device) the very Parameters ``weight`` and ``bias`` of
+    ``conv``, materialize its ConvNorm stage ``new.norm`` next to them, and copy the mode.
+
+    Sharing the Parameters keeps their names and identity: checkpoints and optimizers that
+    hold them still work after a module swap.
+    """
+    new.weight = conv.weight
+    new.bias = conv.bias
+    new.norm.to_empty(device=conv.weight.device)
+    new.norm.reset_parameters()
+    new.train(conv.training)
+    return new
+
+
 class ConvNorm2d(nn.Module):
     """ConvNorm stage of one conv site (Liu et al. 2021, §3.2-3.3, Appendix B).
 
@@ -508,12 +523,7 @@ class ConvNormConv2d(nn.Conv2d):
             dtype=weight.dtype,
             **options,
         )
-        new.weight = weight
-        new.bias = conv.bias
-        new.norm.to_empty(device=weight.device)
-        new.norm.reset_parameters()
-        new.train(conv.training)
-        return new
+        return adopt_conv_parameters(new, conv)
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Conv2d's argument name
         if isinstance(input, Tensor) and input.dim() != 4:  # fx proxies are not Tensors
