@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import ConvNorm2d
+from .modules import ConvNorm2d, check_stage_arguments
 
 __all__ = ["FrozenConvNorm2d", "freeze"]
 
@@ -154,13 +154,7 @@ class FrozenConvNorm2d(nn.Module):
         return out.to(y.dtype)
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if weight.shape[0] != self.num_channels or tuple(weight.shape[2:]) != self.kernel_size:
-            raise ValueError(
-                f"FrozenConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
-                f"got a weight of shape {tuple(weight.shape)}"
-            )
-        if y.dim() != 4 or y.shape[1] != self.num_channels:
-            raise ValueError(f"expected a conv output (N, {self.num_channels}, H, W), got shape {tuple(y.shape)}")
+        check_stage_arguments(self, weight, y)
         if self.kernel_size == (1, 1):
             out = ops.conv_norm_stage(
                 y,

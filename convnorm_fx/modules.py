@@ -45,6 +45,17 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def check_stage_arguments(stage: nn.Module, weight: Tensor, y: Tensor | None = None) -> None:
+    """Raise ``ValueError`` if ``weight`` (or the conv output ``y``) does not fit ``stage``."""
+    if weight.shape[0] != stage.num_channels or tuple(weight.shape[2:]) != stage.kernel_size:
+        raise ValueError(
+            f"{type(stage).__name__} was built for {stage.num_channels} channels and kernel {stage.kernel_size}, "
+            f"got a weight of shape {tuple(weight.shape)}"
+        )
+    if y is not None and (y.dim() != 4 or y.shape[1] != stage.num_channels):
+        raise ValueError(f"expected a conv output (N, {stage.num_channels}, H, W), got shape {tuple(y.shape)}")
+
+
 def adopt_conv_parameters(new: nn.Module, conv: nn.Module) -> Any:
     """Give ``new`` (built on the meta device) the very Parameters ``weight`` and ``bias`` of
     ``conv``, materialize its ConvNorm stage ``new.norm`` next to them, and copy the mode.
@@ -332,13 +343,7 @@ class ConvNorm2d(nn.Module):
     # -- forward ---------------------------------------------------------------------
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        if weight.shape[0] != self.num_channels or tuple(weight.shape[2:]) != self.kernel_size:
-            raise ValueError(
-                f"ConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
-                f"got a weight of shape {tuple(weight.shape)}"
-            )
-        if y.dim() != 4 or y.shape[1] != self.num_channels:
-            raise ValueError(f"expected a conv output (N, {self.num_channels}, H, W), got shape {tuple(y.shape)}")
+        check_stage_arguments(self, weight, y)
         checking = self._checking()
         if checking:
             self._require_finite("weight", weight)
@@ -384,11 +389,7 @@ class ConvNorm2d(nn.Module):
         if self.bypassed:
             y = F.conv2d(x, weight, None, self.feeding_stride, self.feeding_padding, self.dilation, self.groups)
             return self(y, weight, bias)
-        if weight.shape[0] != self.num_channels or tuple(weight.shape[2:]) != self.kernel_size:
-            raise ValueError(
-                f"ConvNorm2d was built for {self.num_channels} channels and kernel {self.kernel_size}, "
-                f"got a weight of shape {tuple(weight.shape)}"
-            )
+        check_stage_arguments(self, weight)
         checking = self._checking()
         if checking:
             self._require_finite("weight", weight)

@@ -213,3 +213,18 @@ def test_1x1_module_matches_functional_under_bn_and_affine():
         x, conv.weight, conv.bias, 2, 0, affine_weight=wrapped.norm.affine_weight, affine_bias=wrapped.norm.affine_bias
     )
     assert_close_scaled(wrapped(x), expected)
+
+
+def test_stage_rejects_a_weight_or_conv_output_that_does_not_fit():
+    stage = ConvNorm2d(8, 3, padding=1)
+    w = torch.randn(8, 4, 3, 3)
+    y = torch.randn(2, 8, 10, 10)
+    for bad in (torch.randn(6, 4, 3, 3), torch.randn(8, 4, 5, 5)):
+        with pytest.raises(ValueError, match=r"ConvNorm2d was built for 8 channels and kernel \(3, 3\)"):
+            stage(y, bad)
+        with pytest.raises(ValueError, match="built for 8 channels"):
+            stage.forward_from_input(torch.randn(2, 4, 8, 8), bad)
+    for bad_y in (torch.randn(2, 6, 10, 10), torch.randn(8, 10, 10)):
+        with pytest.raises(ValueError, match=r"expected a conv output \(N, 8, H, W\)"):
+            stage(bad_y, w)
+    assert stage(y, w).shape == (2, 8, 8, 8)
