@@ -155,6 +155,15 @@ _ARG_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups
 _UNSUPPORTED_CONV_CLASSES: dict[str, str] = {}
 
 
+# Rewritten module sites, reported as already rewritten by a second apply.
+_REWRITTEN_CLASSES = (ConvNormConv2d, ConvNormCondConv2d)
+
+
+def _is_swappable(module: nn.Module) -> bool:
+    """A conv module whose rewritten form is a module swap (plain nn.Conv2d, timm CondConv2d)."""
+    return is_plain_conv2d(module) or is_cond_conv2d(module)
+
+
 def _is_norm_module(module: nn.Module) -> bool:
     if isinstance(module, _NORM_CLASSES):
         return True
@@ -311,9 +320,9 @@ class _Planner:
             # model itself is then the one site, swapped as a whole.
             self._seen_modules.add("")
             if is_cond_conv2d(self.model):
-                self._add_cond_conv_site(self.model, "", rep.MODULE_SWAP, "the model is a CondConv2d; swapped", None)
+                self._add_module_site(self.model, "", rep.MODULE_SWAP, "the model is a CondConv2d; swapped", None)
             else:
-                self._add_cond_conv_site(self.model, "", rep.ALREADY, "ConvNormCondConv2d", None)
+                self._add_module_site(self.model, "", rep.ALREADY, "ConvNormCondConv2d", None)
         else:
             self._visit(self.model, "")
         self._sweep_unvisited()
@@ -372,22 +381,14 @@ class _Planner:
             self.report.sites.append(site)
         for name, child in module.named_children():
             fqn = _join(prefix, name)
-            if is_plain_conv2d(child):
+            if _is_swappable(child):
                 self._seen_modules.add(fqn)
                 followed = _next_sibling_norm(module, name)
                 reason = f"'{prefix or type(module).__name__}' could not be traced; swapped in place"
                 self._add_module_site(child, fqn, rep.MODULE_SWAP, reason, followed)
-            elif isinstance(child, ConvNormConv2d):
+            elif isinstance(child, _REWRITTEN_CLASSES):
                 self._seen_modules.add(fqn)
-                self._add_module_site(child, fqn, rep.ALREADY, "ConvNormConv2d", None)
-            elif is_cond_conv2d(child):
-                self._seen_modules.add(fqn)
-                followed = _next_sibling_norm(module, name)
-                reason = f"'{prefix or type(module).__name__}' could not be traced; swapped in place"
-                self._add_cond_conv_site(child, fqn, rep.MODULE_SWAP, reason, followed)
-            elif isinstance(child, ConvNormCondConv2d):
-                self._seen_modules.add(fqn)
-                self._add_cond_conv_site(child, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
+                self._add_module_site(child, fqn, rep.ALREADY, type(child).__name__, None)
             elif _has_conv_work(child):
                 self._visit(child, fqn)
 
@@ -396,23 +397,14 @@ class _Planner:
         fqn = _join(prefix, node.target)
         if fqn in self._seen_modules:
             return  # a module called twice is one site
-        if is_plain_conv2d(module):
+        if _is_swappable(module):
             self._seen_modules.add(fqn)
             followed = _flows_into_norm(node, root)
             self._add_module_site(module, fqn, rep.GRAPH_REWRITE, f"{type(module).__name__} in the traced graph", followed)
             self.planned[-1].pooled_input = _reads_pooled_map(node, root)
-        elif isinstance(module, ConvNormConv2d):
+        elif isinstance(module, _REWRITTEN_CLASSES):
             self._seen_modules.add(fqn)
-            self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
-        elif is_cond_conv2d(module):
-            self._seen_modules.add(fqn)
-            followed = _flows_into_norm(node, root)
-            reason = f"{type(module).__name__} in the traced graph"
-            self._add_cond_conv_site(module, fqn, rep.GRAPH_REWRITE, reason, followed)
-            self.planned[-1].pooled_input = _reads_pooled_map(node, root)
-        elif isinstance(module, ConvNormCondConv2d):
-            self._seen_modules.add(fqn)
-            self._add_cond_conv_site(module, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
+            self._add_module_site(module, fqn, rep.ALREADY, type(module).__name__, None)
         elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
@@ -495,6 +487,12 @@ class _Planner:
         self.report.sites.append(site)
 
     def _add_module_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
+        if is_cond_conv2d(module) or isinstance(module, ConvNormCondConv2d):
+            self._add_cond_conv_site(module, fqn, action, reason, followed)
+            return
+        self._add_conv_site(module, fqn, action, reason, followed)
+
+    def _add_conv_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
         site = ConvSite(name=fqn, kind="module", conv_class=type(module).__name__, action=action, reason=reason)
         for key in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"):
             value = getattr(module, key, None)
@@ -510,7 +508,7 @@ class _Planner:
                 f"normalized on its own (grouped conv, groups = batch x {module.groups}), its spectrum "
                 "computed per sample in train and eval"
             )
-        self._add_module_site(module, fqn, action, reason, followed)
+        self._add_conv_site(module, fqn, action, reason, followed)
         site = self.planned[-1].site
         site.padding_mode = "zeros"
         if module.dynamic_padding:
@@ -521,25 +519,15 @@ class _Planner:
         for fqn, module in self.model.named_modules():
             if fqn in self._seen_modules or any(fqn.startswith(p + ".") for p in ()):
                 continue
-            if is_plain_conv2d(module):
+            if _is_swappable(module):
                 parent_name, _, name = fqn.rpartition(".")
                 parent = self.model.get_submodule(parent_name) if parent_name else self.model
                 self._seen_modules.add(fqn)
                 followed = _next_sibling_norm(parent, name)
                 self._add_module_site(module, fqn, rep.MODULE_SWAP, "not called by the traced forward(); swapped in place", followed)
-            elif isinstance(module, ConvNormConv2d):
+            elif isinstance(module, _REWRITTEN_CLASSES):
                 self._seen_modules.add(fqn)
-                self._add_module_site(module, fqn, rep.ALREADY, "ConvNormConv2d", None)
-            elif is_cond_conv2d(module):
-                parent_name, _, name = fqn.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                self._seen_modules.add(fqn)
-                followed = _next_sibling_norm(parent, name)
-                reason = "not called by the traced forward(); swapped in place"
-                self._add_cond_conv_site(module, fqn, rep.MODULE_SWAP, reason, followed)
-            elif isinstance(module, ConvNormCondConv2d):
-                self._seen_modules.add(fqn)
-                self._add_cond_conv_site(module, fqn, rep.ALREADY, "ConvNormCondConv2d", None)
+                self._add_module_site(module, fqn, rep.ALREADY, type(module).__name__, None)
             elif isinstance(module, nn.Conv2d) and fqn not in self._function_counts:
                 self._seen_modules.add(fqn)
                 reason = f"{type(module).__name__} changes nn.Conv2d's forward and was not reached by a traced graph"
