@@ -33,6 +33,7 @@ __all__ = [
     "random_crop_flip",
     "save_checkpoint",
     "split_indices",
+    "stratified_sample",
     "stratified_subset",
     "symmetric_label_noise",
     "write_json",
@@ -189,6 +190,24 @@ def stratified_subset(indices: np.ndarray, labels: np.ndarray, fraction: float, 
     return indices[_stratified_pick(labels[indices], fraction, rng)]
 
 
+def stratified_sample(indices: np.ndarray, labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """About ``count`` of ``indices``, drawn class by class in proportion (a fixed validation sample).
+
+    Args:
+        indices: candidate indices into ``labels``.
+        labels: labels of the whole training set.
+        count: how many to keep (each class keeps ``round(count / len(indices) * n_class)``).
+        seed: seed of the draw (its stream differs from :func:`stratified_subset`'s).
+
+    Returns:
+        The chosen indices, sorted.
+    """
+    if not 0 < count <= len(indices):
+        raise ValueError(f"count must be in [1, {len(indices)}], got {count!r}")
+    rng = np.random.default_rng([seed, 4])
+    return indices[_stratified_pick(labels[indices], count / len(indices), rng)]
+
+
 def symmetric_label_noise(labels: np.ndarray, rate: float, num_classes: int, seed: int) -> np.ndarray:
     """Symmetric label noise of Appendix C.3.
 
@@ -308,6 +327,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         checkpoint["width"],
         affine=checkpoint["affine"],
         affine_init=checkpoint["affine_init"],
+        stop_gradient=checkpoint.get("stop_gradient", True),
     )
     model.load_state_dict(checkpoint["state_dict"])
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}

@@ -8,7 +8,11 @@ The architectures are written plainly and carry **no normalization layer** (the 
   dropped, since BatchNorm's shift replaces it): the usual conv -> BN -> ReLU;
 * ``convnorm`` - ``convnorm_fx.apply(vanilla, bn=False)``: conv -> ConvNorm -> ReLU;
 * ``convnorm_bn`` - ``convnorm_fx.apply(vanilla, bn=True)``: conv -> ConvNorm -> BN -> ReLU
-  ("BatchNorm after ConvNorm", §4).
+  ("BatchNorm after ConvNorm", §4);
+* ``sn`` - the vanilla network with spectral normalization (Miyato et al. 2018) on every conv
+  (torch's ``spectral_norm`` parametrization: the kernel reshaped to ``C_out x (C_in k k)``,
+  divided by its largest singular value from one power iteration per step), no BatchNorm: the
+  SN baseline of Table 4 and Figure 4. The final linear layer is left as it is.
 
 Backbones:
 
@@ -39,10 +43,10 @@ except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the pa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import convnorm_fx
 
-__all__ = ["ARCHS", "VARIANTS", "ResNet18", "VGG16", "add_batchnorm", "build_model", "scaled"]
+__all__ = ["ARCHS", "VARIANTS", "ResNet18", "VGG16", "add_batchnorm", "add_spectral_norm", "build_model", "scaled"]
 
 ARCHS = ("resnet18", "vgg16")
-VARIANTS = ("vanilla", "bn", "convnorm", "convnorm_bn")
+VARIANTS = ("vanilla", "bn", "convnorm", "convnorm_bn", "sn")
 
 _VGG16_CONFIG: Sequence[int | str] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
@@ -190,6 +194,22 @@ def add_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def add_spectral_norm(model: nn.Module) -> nn.Module:
+    """Put torch's ``spectral_norm`` parametrization on the weight of every ``nn.Conv2d`` (in place).
+
+    Args:
+        model: a network without normalization layers.
+
+    Returns:
+        ``model`` itself; each conv's weight becomes ``weight / sigma_max(weight.reshape(C_out, -1))``
+        (parameter ``name.parametrizations.weight.original``).
+    """
+    for module in list(model.modules()):
+        if type(module) is nn.Conv2d:
+            nn.utils.parametrizations.spectral_norm(module)
+    return model
+
+
 def build_model(
     arch: str,
     variant: str,
@@ -198,18 +218,21 @@ def build_model(
     *,
     affine: bool = True,
     affine_init: str = "identity",
+    stop_gradient: bool = True,
 ) -> nn.Module:
     """Build one network of the paper's experiments.
 
     Args:
         arch: ``'resnet18'`` or ``'vgg16'``.
-        variant: ``'vanilla'``, ``'bn'``, ``'convnorm'`` or ``'convnorm_bn'`` (module docstring).
+        variant: ``'vanilla'``, ``'bn'``, ``'convnorm'``, ``'convnorm_bn'`` or ``'sn'`` (module docstring).
         num_classes: number of classes (10 for CIFAR-10, 100 for CIFAR-100).
         width: channel multiplier.
         affine: ConvNorm variants: learn the per-channel affine kernel ``r_k`` (§3.3);
             ``False`` is the ablation of Table 2.
         affine_init: ConvNorm variants: ``'identity'`` or ``'default'`` (see
             :class:`convnorm_fx.ConvNorm2d`).
+        stop_gradient: ConvNorm variants: treat the preconditioner as a constant in backward
+            (§3.3, the library's default); ``False`` differentiates through it.
 
     Returns:
         The network, in training mode, on the CPU.
@@ -221,8 +244,16 @@ def build_model(
     model: nn.Module = ResNet18(num_classes, width) if arch == "resnet18" else VGG16(num_classes, width)
     if variant == "bn":
         return add_batchnorm(model)
+    if variant == "sn":
+        return add_spectral_norm(model)
     if variant in ("convnorm", "convnorm_bn"):
         return convnorm_fx.apply(
-            model, bn=(variant == "convnorm_bn"), affine=affine, affine_init=affine_init, inplace=True, strict=True
+            model,
+            bn=(variant == "convnorm_bn"),
+            affine=affine,
+            affine_init=affine_init,
+            stop_gradient=stop_gradient,
+            inplace=True,
+            strict=True,
         )
     return model

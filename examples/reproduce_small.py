@@ -34,15 +34,13 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from jobs import Job, run_jobs
 
 EXAMPLES = Path(__file__).resolve().parent
 REPO = EXAMPLES.parent
@@ -58,16 +56,6 @@ NOISE = 0.4
 SCARCE, SCARCE_EPOCHS, SCARCE_MILESTONES = 0.25, 12, (4, 8)  # a quarter of SUBSET: 610 images
 SIMBA_IMAGES = 100
 VARIANTS_ORDER = ("vanilla", "bn", "convnorm", "convnorm_bn")
-
-
-@dataclass
-class Job:
-    """One command of the plan."""
-
-    name: str
-    argv: list[str]
-    done_file: Path  # exists when the job has finished
-    after: list[str] = field(default_factory=list)  # names of jobs that must finish first
 
 
 def plan(runs: Path, data: Path | None, threads: int) -> list[Job]:
@@ -150,10 +138,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _stamp() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run (or print) the plan; returns the process exit status."""
     args = parse_args(argv)
@@ -162,51 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for job in jobs:
             print(shlex.join(job.argv))
         return 0
-    logs = args.runs / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    (args.runs / "commands.txt").write_text("".join(shlex.join(job.argv) + "\n" for job in jobs))
-    record_path = args.runs / "jobs.json"
-    records = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-
-    finished = {job.name for job in jobs if job.done_file.is_file()}
-    failed: set[str] = set()
-    pending = [job for job in jobs if job.name not in finished]
-    running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
-    started = time.perf_counter()
-    print(f"{_stamp()} {len(pending)} jobs to run ({len(finished)} already done), {args.jobs} at a time", flush=True)
-    while pending or running:
-        for name, (job, process, t0) in list(running.items()):
-            if process.poll() is None:
-                continue
-            wall = time.perf_counter() - t0
-            ok = process.returncode == 0 and job.done_file.is_file()
-            (finished if ok else failed).add(name)
-            records[name] = {"command": shlex.join(job.argv), "wall_time_s": wall, "returncode": process.returncode,
-                             "finished": _stamp()}  # fmt: skip
-            record_path.write_text(json.dumps(records, indent=2) + "\n")
-            print(f"{_stamp()} {'done' if ok else 'FAILED'} {name} in {wall:.0f}s", flush=True)
-            del running[name]
-        blocked = [job for job in pending if any(dep in failed for dep in job.after)]
-        for job in blocked:
-            print(f"{_stamp()} skip {job.name}: a job it needs failed", flush=True)
-            pending.remove(job)
-            failed.add(job.name)
-        while len(running) < args.jobs:
-            ready = next((job for job in pending if all(dep in finished for dep in job.after)), None)
-            if ready is None:
-                break
-            pending.remove(ready)
-            log = (logs / f"{ready.name}.log").open("w")
-            process = subprocess.Popen(ready.argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running[ready.name] = (ready, process, time.perf_counter())
-            print(f"{_stamp()} start {ready.name}", flush=True)
-        if not running and pending:
-            print(f"{_stamp()} cannot start {[job.name for job in pending]}", flush=True)
-            break
-        time.sleep(2.0)
-    total = time.perf_counter() - started
-    print(f"{_stamp()} all jobs ended in {total / 60:.1f} min; {len(failed)} failed", flush=True)
+    failed = run_jobs(jobs, args.runs, parallel=args.jobs, threads=args.threads, cwd=REPO)
     summarize = [sys.executable, str(EXAMPLES / "summarize_results.py"), "--runs", str(args.runs), "--output",
                  str(args.results)]  # fmt: skip
     subprocess.run(summarize, cwd=REPO, check=False)

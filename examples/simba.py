@@ -8,17 +8,15 @@ image stops when the model no longer predicts the true class (success) or when e
 coordinate has been tried (failure). It is run on ``--num-images`` test images that the
 model classifies correctly, drawn at random (App. C.3: 1000 images).
 
-**Scale of eps.** The paper does not say on which scale ``eps = 0.4`` is taken. By default
-(``--space normalized``) the step is taken on the normalized model input, ``(x - mean) / std``:
-one step moves a pixel by ``0.4 * std_c``, about 0.1 (26 grey levels) in the ``[0, 1]`` pixel
-scale, and the image is kept inside the normalized image of ``[0, 1]``. This is the reading
-under which Table 4 can hold: it reports that 39-46 % of the attacks fail after all 3072
-coordinates, whereas a step of 0.4 in pixel scale (102 grey levels) fooled every model of the
-reduced-scale run on every image within a few hundred queries, while the normalized step left
-18-21 % of the attacks on the no-BN models unfinished (``examples/RESULTS.md``).
-``--space pixel`` takes the step in the ``[0, 1]`` pixel scale, clamping ``images +
-perturbation`` to ``[0, 1]`` before the normalization, as SimBA's reference code does for its
-own pixel-scale step sizes.
+**Scale of eps.** By default (``--space pixel``) the step is taken in the ``[0, 1]`` pixel
+scale, before the model's input normalization, and ``images + perturbation`` is clamped to
+``[0, 1]``: this is what Guo et al.'s reference code does (it perturbs the ``[0, 1]`` image,
+clamps it and normalizes it inside the model wrapper), and the paper calls its setting a
+"pixel attack using a step size eps = 0.4". One step then moves a pixel by 0.4, about 102
+grey levels. ``--space normalized`` takes the step on the normalized model input,
+``(x - mean) / std``, instead (one step moves a pixel by ``0.4 * std_c``, about 0.1 or 26 grey
+levels), clamped to the normalized image of ``[0, 1]``; it is kept as an option because the
+paper does not state the scale. Every result records its ``space``.
 
 **Counting.** A model query is one forward pass for one image; an iteration (one coordinate)
 costs one or two queries. The report gives the success rate after at most 3072 iterations,
@@ -152,9 +150,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--num-images", type=int, default=1000, help="correctly classified test images to attack")
     parser.add_argument("--eps", type=float, default=0.4, help="step size (see --space)")
-    parser.add_argument("--space", choices=("pixel", "normalized"), default="normalized",
-                        help="pixel: eps in the [0, 1] pixel scale, before normalization; "
-                             "normalized: eps on the normalized model input")  # fmt: skip
+    parser.add_argument("--space", choices=("pixel", "normalized"), default="pixel",
+                        help="pixel: eps in the [0, 1] pixel scale, clamped to [0, 1], before the "
+                             "normalization (Guo et al.'s reference code); normalized: eps on the "
+                             "normalized model input")  # fmt: skip
     parser.add_argument("--max-iters", type=int, default=None, help="coordinates per image (default 3*32*32 = 3072)")
     parser.add_argument("--batch-size", type=int, default=1000, help="images attacked together")
     parser.add_argument("--seed", type=int, default=0, help="choice of images and coordinate orders")

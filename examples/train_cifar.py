@@ -6,11 +6,13 @@ by 10 at epochs 40 and 80, CIFAR-100 for 150 epochs with drops at 60 and 120; ra
 (4 pixels of zero padding) and horizontal flip; 10 % of the training set held out for
 validation and model selection. The reported test accuracy is that of the epoch with the
 best validation accuracy (``best.test_acc`` in ``metrics.json``); the maximum test accuracy
-over epochs, which the paper reports for label noise (App. C.3), is ``max_test_acc``.
+over epochs, which the paper reports for label noise (App. C.3), is ``max_test_acc`` (with
+``--eval-test every``), and the test accuracy of the last epoch's weights ``final_test_acc``.
 
 Variants (``--variant``, see ``examples/models.py``): ``vanilla`` (no normalization), ``bn``
 (conv -> BatchNorm), ``convnorm`` (``convnorm_fx.apply(vanilla, bn=False)``) and
-``convnorm_bn`` (``convnorm_fx.apply(vanilla, bn=True)``).
+``convnorm_bn`` (``convnorm_fx.apply(vanilla, bn=True)``), and ``sn`` (torch's spectral
+normalization on every conv, no BatchNorm: the SN baseline of Table 4).
 
 Examples::
 
@@ -22,6 +24,9 @@ Examples::
 
     # Table 5 / Figure 4: 80 % symmetric label noise
     python examples/train_cifar.py --variant convnorm_bn --label-noise 0.8 --out runs/noise80
+
+    # Table 6: 10 % of the training split, the subset drawn with the run's seed
+    python examples/train_cifar.py --variant bn --subset 0.1 --seed 1 --subset-seed 1 --out runs/t6_bn_s1
 
     # two processes (CPU: gloo; GPU: nccl, one process per GPU)
     torchrun --nproc_per_node 2 examples/train_cifar.py --variant bn --out runs/ddp
@@ -75,23 +80,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--download", action="store_true", help="with --torchvision-root: download the dataset")
     data.add_argument("--val-fraction", type=float, default=0.1, help="training images held out for validation")
     data.add_argument("--split-seed", type=int, default=0,
-                      help="seed of the validation split, the --subset draw and the label noise (the same for "
-                           "every run, so runs differ only by --seed)")  # fmt: skip
+                      help="seed of the validation split, the label noise and (unless --subset-seed is given) "
+                           "the --subset draw; the same for every run, so runs differ only by --seed")  # fmt: skip
     data.add_argument("--label-noise", type=float, default=0.0, metavar="R",
                       help="symmetric label noise on the training and validation labels (App. C.3): with "
                            "probability R a label is replaced by a class drawn uniformly from all classes, "
                            "the true one included")  # fmt: skip
     data.add_argument("--subset", type=float, default=1.0, metavar="F",
                       help="train on a class-stratified fraction F of the training split (validation unchanged)")
+    data.add_argument("--subset-seed", type=int, default=None,
+                      help="seed of the --subset draw (default: --split-seed); pass the run's --seed so that "
+                           "seeds vary the subset as well as the initialization (Table 6)")  # fmt: skip
+    data.add_argument("--val-size", type=int, default=None, metavar="N",
+                      help="evaluate every epoch on a fixed class-stratified N-image sample of the validation "
+                           "split (model selection on it; the split itself is unchanged). Default: all of it")  # fmt: skip
 
     model = parser.add_argument_group("model")
     model.add_argument("--arch", choices=models.ARCHS, default="resnet18")
-    model.add_argument("--variant", choices=models.VARIANTS, default="convnorm_bn")
+    model.add_argument("--variant", choices=models.VARIANTS, default="convnorm_bn",
+                       help="sn: spectral normalization on every conv, no BatchNorm (the SN baseline of Table 4)")
     model.add_argument("--width", type=float, default=1.0, help="channel multiplier (reduced-scale runs)")
     model.add_argument("--no-affine", dest="affine", action="store_false",
                        help="ConvNorm without the learnable affine kernel (Table 2)")  # fmt: skip
     model.add_argument("--affine-init", choices=("identity", "default"), default="identity",
                        help="initial affine kernel: identity, or PyTorch's default conv initialization")  # fmt: skip
+    model.add_argument("--no-stop-gradient", dest="stop_gradient", action="store_false",
+                       help="ConvNorm: differentiate through the preconditioner (the paper and the library "
+                            "treat it as a constant in backward)")  # fmt: skip
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--epochs", type=int, default=None, help="default: 120 (cifar10) / 150 (cifar100)")
@@ -99,6 +114,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="epochs where the learning rate is divided by 10; default: 40 80 / 60 120")
     optim.add_argument("--batch-size", type=int, default=128, help="global batch size (split over processes)")
     optim.add_argument("--lr", type=float, default=0.1)
+    optim.add_argument("--warmup-steps", type=int, default=0,
+                       help="raise the learning rate linearly from lr/N to lr over the first N steps (not in the "
+                            "paper; see RESULTS.md on ConvNorm without BatchNorm)")  # fmt: skip
     optim.add_argument("--momentum", type=float, default=0.9)
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--plain-training", action="store_true",
@@ -137,10 +155,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("batch sizes must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be >= 1")
+    if args.warmup_steps < 0:
+        parser.error("--warmup-steps must be >= 0")
+    if args.val_size is not None and args.val_size < 1:
+        parser.error("--val-size must be >= 1")
     if args.download and args.torchvision_root is None:
         parser.error("--download needs --torchvision-root")
-    if not args.affine and args.variant not in ("convnorm", "convnorm_bn"):
-        parser.error("--no-affine applies to the convnorm variants only")
+    if not (args.affine and args.stop_gradient) and args.variant not in ("convnorm", "convnorm_bn"):
+        parser.error("--no-affine and --no-stop-gradient apply to the convnorm variants only")
     return args
 
 
@@ -217,7 +239,10 @@ class DeviceData:
     def __init__(self, arrays: common.CifarArrays, args: argparse.Namespace, device: torch.device) -> None:
         num_classes = common.DATASETS[args.dataset]["classes"]
         train_idx, val_idx = common.split_indices(arrays.y_train, args.val_fraction, args.split_seed)
-        train_idx = common.stratified_subset(train_idx, arrays.y_train, args.subset, args.split_seed)
+        subset_seed = args.split_seed if args.subset_seed is None else args.subset_seed
+        train_idx = common.stratified_subset(train_idx, arrays.y_train, args.subset, subset_seed)
+        if args.val_size is not None and args.val_size < len(val_idx):
+            val_idx = common.stratified_sample(val_idx, arrays.y_train, args.val_size, args.split_seed)
         labels = arrays.y_train
         if args.label_noise > 0:
             # App. C.3 puts the noise on the training and the validation split; the test set stays clean.
@@ -233,6 +258,18 @@ class DeviceData:
         self.x_val, self.y_val = put(arrays.x_train[val_idx]), put(labels[val_idx])
         self.x_test, self.y_test = put(arrays.x_test), put(arrays.y_test)
         self.num_classes = num_classes
+
+
+def learning_rate(args: argparse.Namespace, epoch: int, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based), taken in epoch ``epoch`` (0-based).
+
+    ``--lr`` divided by 10 at each of ``--milestones`` (epochs), times a linear warm-up factor
+    ``(step + 1) / N`` during the first ``N = --warmup-steps`` steps.
+    """
+    lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.milestones)
+    if step < args.warmup_steps:
+        lr *= (step + 1) / args.warmup_steps
+    return lr
 
 
 def _batches(indices: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -350,7 +387,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.manual_seed(args.seed)  # the same initialization on every rank
         net = models.build_model(
-            args.arch, args.variant, data.num_classes, args.width, affine=args.affine, affine_init=args.affine_init
+            args.arch,
+            args.variant,
+            data.num_classes,
+            args.width,
+            affine=args.affine,
+            affine_init=args.affine_init,
+            stop_gradient=args.stop_gradient,
         ).to(device)
         if args.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -367,7 +410,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizer = torch.optim.SGD(
             net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
         )
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.milestones, gamma=0.1)
         scaler = torch.amp.GradScaler("cuda", enabled=args.amp and device.type == "cuda")
         sampler = DistributedSampler(
             range(len(data.y_train)), num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=False
@@ -407,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     images = common.random_crop_flip(images, 4, generator)
                 inputs = common.normalize(images, mean, std, channels_last=args.channels_last)
                 target = data.y_train[idx]
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, epoch, step)
                 with _autocast(device, args.amp):
                     logits = model(inputs)
                     loss = F.cross_entropy(logits.float(), target)
@@ -427,7 +471,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if (diverged and world == 1) or (args.max_steps is not None and step >= args.max_steps):
                     break
             bar.close()
-            scheduler.step()
             diverged = bool(_all_sum([float(diverged)], device)[0])
             loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], device)
             train_time = time.perf_counter() - epoch_start
@@ -438,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = {
                 "epoch": epoch + 1,
                 "step": step,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": optimizer.param_groups[0]["lr"],  # of the epoch's last step
                 "train_loss": loss_sum / max(seen, 1),
                 "train_acc": 100.0 * correct / max(seen, 1),
                 "val_loss": val["loss"],
@@ -465,9 +508,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
 
         final_state = copy.deepcopy(net.state_dict())
+        final_test_acc = rows[-1]["test_acc"] if rows else None
         if best_state is not None and args.eval_test == "best":
+            if rows and best["epoch"] != rows[-1]["epoch"]:
+                final_test_acc = evaluate(net, data.x_test, data.y_test, **eval_options)["acc"]
             net.load_state_dict(best_state)
             best["test_acc"] = evaluate(net, data.x_test, data.y_test, **eval_options)["acc"]
+            if final_test_acc is None:  # the best epoch is the last one
+                final_test_acc = best["test_acc"]
             net.load_state_dict(final_state)
         wall = time.perf_counter() - started
         replicas = _replica_divergence(net, device)
@@ -478,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.mkdir(parents=True, exist_ok=True)
             meta = {
                 "arch": args.arch, "variant": args.variant, "num_classes": data.num_classes, "width": args.width,
-                "affine": args.affine, "affine_init": args.affine_init, "dataset": args.dataset,
+                "affine": args.affine, "affine_init": args.affine_init, "stop_gradient": args.stop_gradient,
+                "dataset": args.dataset,
                 "mean": common.DATASETS[args.dataset]["mean"], "std": common.DATASETS[args.dataset]["std"],
             }  # fmt: skip
             common.save_checkpoint(out / "final.pt", net, {**meta, "epoch": rows[-1]["epoch"] if rows else 0})
@@ -497,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "diverged": diverged,
                 "best": best,
                 "max_test_acc": max(tests) if tests else None,
+                "final_test_acc": final_test_acc,
                 "final": rows[-1] if rows else None,
                 "wall_time_s": wall,
                 "mean_epoch_time_s": float(np.mean([r["epoch_time_s"] for r in rows])) if rows else None,

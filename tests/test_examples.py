@@ -96,11 +96,14 @@ def test_checkpoint_round_trip(trained: Path) -> None:
     [
         ["--arch", "vgg16", "--variant", "vanilla", "--plain-training"],
         ["--variant", "bn", "--subset", "0.5", "--eval-test", "best", "--amp", "--channels-last"],
-        ["--variant", "convnorm", "--no-affine", "--milestones", "1"],
+        ["--variant", "convnorm", "--no-affine", "--milestones", "1", "--warmup-steps", "4"],
+        ["--variant", "sn", "--subset", "0.5", "--subset-seed", "3", "--val-size", "10"],
+        ["--variant", "convnorm", "--no-stop-gradient"],
     ],
-    ids=["vgg16-vanilla-plain", "bn-subset-amp", "convnorm-no-affine"],
+    ids=["vgg16-vanilla-plain", "bn-subset-amp", "convnorm-no-affine-warmup", "sn-subset-seed-val-size", "convnorm-no-sg"],
 )
 def test_train_variants(synthetic_npz: Path, tmp_path: Path, extra: list[str]) -> None:
+    import common
     import train_cifar
 
     argv = ["--data", str(synthetic_npz), "--epochs", "2", "--max-steps", "3", "--out", str(tmp_path), *TINY, *extra]
@@ -111,8 +114,43 @@ def test_train_variants(synthetic_npz: Path, tmp_path: Path, extra: list[str]) -
         assert record["args"]["weight_decay"] == 0.0 and record["args"]["milestones"] == []
     if "--eval-test" in extra:
         assert record["max_test_acc"] is None and record["best"]["test_acc"] is not None
-    if "--milestones" in extra:
-        assert record["epochs"][-1]["lr"] == pytest.approx(0.01)
+    assert record["final_test_acc"] is not None
+    if "--warmup-steps" in extra:
+        assert record["epochs"][-1]["lr"] == pytest.approx(0.1 * 3 / 4)  # the lr of step 3 of 4 warm-up steps
+    if "--val-size" in extra:
+        assert record["sizes"] == {"train": 140, "val": 10, "test": 100}  # 27 per class, halved, rounds to 14
+    if "--variant" in extra and extra[extra.index("--variant") + 1] == "sn":
+        model, _ = common.load_checkpoint(tmp_path / "final.pt")
+        assert sum("parametrizations" in name for name, _ in model.named_parameters()) == 20  # every conv
+
+
+def test_learning_rate_schedule() -> None:
+    """Milestones divide the rate by 10; the warm-up ramps it linearly over the first steps."""
+    import argparse
+
+    import train_cifar
+
+    args = argparse.Namespace(lr=0.1, milestones=[2, 4], warmup_steps=0)
+    assert [train_cifar.learning_rate(args, e, 100) for e in range(6)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    )
+    args.warmup_steps = 4
+    assert [train_cifar.learning_rate(args, 0, s) for s in range(6)] == pytest.approx(
+        [0.025, 0.05, 0.075, 0.1, 0.1, 0.1]
+    )
+
+
+def test_subset_seed_varies_the_subset_only() -> None:
+    """--subset-seed draws another class-stratified subset; the validation split stays put."""
+    import common
+
+    labels = np.repeat(np.arange(10), 100)
+    train, val = common.split_indices(labels, 0.1, 0)
+    a, b = (common.stratified_subset(train, labels, 0.2, seed) for seed in (0, 1))
+    assert len(a) == len(b) == 180 and not np.array_equal(a, b)
+    assert (np.bincount(labels[a]) == 18).all() and not set(a) & set(val)
+    sample = common.stratified_sample(val, labels, 50, 0)
+    assert len(sample) == 50 and (np.bincount(labels[sample]) == 5).all() and set(sample) <= set(val)
 
 
 def test_simba_and_spectra_scripts(trained: Path, synthetic_npz: Path, tmp_path: Path) -> None:
@@ -123,12 +161,12 @@ def test_simba_and_spectra_scripts(trained: Path, synthetic_npz: Path, tmp_path:
             "--threads", "1", "--quiet", "--out", str(tmp_path)]  # fmt: skip
     assert simba.main(argv) == 0
     summary = json.loads((tmp_path / "simba.json").read_text())
-    assert summary["num_images"] <= 4 and summary["max_iters"] == 40 and summary["space"] == "normalized"
+    assert summary["num_images"] <= 4 and summary["max_iters"] == 40 and summary["space"] == "pixel"
     per_image = summary["per_image"]
     assert all(i <= q <= 2 * i for i, q in zip(per_image["iterations"], per_image["queries"]))
     assert all(s or i == 40 for s, i in zip(per_image["success"], per_image["iterations"]))
-    assert simba.main([*argv, "--space", "pixel", "--num-images", "2"]) == 0
-    assert json.loads((tmp_path / "simba.json").read_text())["space"] == "pixel"
+    assert simba.main([*argv, "--space", "normalized", "--num-images", "2"]) == 0
+    assert json.loads((tmp_path / "simba.json").read_text())["space"] == "normalized"
 
     assert spectra.main([str(trained / "best.pt"), "--quiet", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "spectra.json").read_text())
@@ -205,6 +243,87 @@ def test_reproduce_plan_and_summary(tmp_path: Path, synthetic_npz: Path, capsys:
     text = results.read_text()
     assert text.startswith("# notes kept") and text.rstrip().endswith("tail kept") and "\nold\n" not in text
     assert "| setting | vanilla | bn |" in text and " ± " in text and "| main_bn_s1 | bn | 1 |" in text
+
+
+def test_table6_plan(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """The Table 6 plan: pairs seed by seed first, the paper's schedule shape, the subset drawn per seed."""
+    import reproduce_table6
+
+    assert reproduce_table6.main(["--dry-run", "--runs", str(tmp_path), "--epochs", "30", "--width", "0.25"]) == 0
+    commands = [c.split() for c in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 12
+    names = [c[c.index("--out") + 1].rsplit("/", 1)[-1] for c in commands]
+    assert names[:6] == ["t6_convnorm_bn_s0", "t6_bn_s0", "t6_convnorm_bn_s1", "t6_bn_s1", "t6_convnorm_bn_s2", "t6_bn_s2"]
+    for command in commands:
+        value = {flag: command[command.index(flag) + 1] for flag in ("--seed", "--subset-seed", "--subset", "--epochs")}
+        assert value["--seed"] == value["--subset-seed"] and value["--subset"] == "0.1" and value["--epochs"] == "30"
+        milestones = command.index("--milestones")
+        assert command[milestones + 1 : milestones + 3] == ["10", "20"]
+        assert {"--lr", "0.1"} <= set(command) and "--val-size" in command
+
+
+def test_table6_summary_on_tiny_runs(synthetic_npz: Path, tmp_path: Path) -> None:
+    """Committed-results mode: the Table 6 block (paper row, Welch test, verdict, plot) from metrics.json files."""
+    import reproduce_table6
+    import summarize_results
+
+    results = tmp_path / "results"
+    argv = ["--data", str(synthetic_npz), "--runs", str(tmp_path / "runs"), "--results", str(results / "table6"),
+            "--width", "0.0625", "--epochs", "3", "--val-size", "20", "--seeds", "0", "1", "--variants", "bn",
+            "convnorm_bn"]  # fmt: skip
+    assert reproduce_table6.main(argv) == 0
+    assert sorted(p.name for p in (results / "table6").iterdir()) == [
+        "jobs.json", "t6_bn_s0", "t6_bn_s1", "t6_convnorm_bn_s0", "t6_convnorm_bn_s1",
+    ]  # fmt: skip
+    assert reproduce_table6.main(argv) == 0  # resumes: nothing left to run
+    assert len(json.loads((results / "table6" / "jobs.json").read_text())) == 4
+    output = tmp_path / "RESULTS.md"
+    output.write_text("# head\n\n<!-- results:table6:begin -->\nold\n<!-- results:table6:end -->\n\ntail\n")
+    assert summarize_results.main(["--results", str(results), "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "\nold\n" not in text
+    assert "77.96 ± 0.11 (3)" in text and "Welch t-test (n = 2 and 2)" in text and "Verdict at this scale: **" in text
+    assert (results / "table6" / "val_curves.png").stat().st_size > 0
+
+
+def test_welch_and_student_t() -> None:
+    """The t distribution without SciPy: known quantiles, and Welch's test on a textbook case."""
+    from summarize_results import bootstrap_interval, student_t_cdf, student_t_quantile, welch
+
+    assert student_t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    assert student_t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
+    assert student_t_cdf(-1.0, 1.0) == pytest.approx(0.25, abs=1e-9)  # Cauchy
+    result = welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert result["diff"] == pytest.approx(-1.0) and result["df"] == pytest.approx(5.8824, abs=1e-3)
+    assert result["t"] == pytest.approx(-1.0954, abs=1e-4) and result["p"] == pytest.approx(0.3161, abs=1e-4)
+    low, high = bootstrap_interval([5.0, 6.0, 7.0], [1.0, 2.0, 3.0])
+    assert 2.0 <= low <= 4.0 <= high <= 6.0
+
+
+@pytest.mark.parametrize(
+    ("variant", "extra", "radial"),
+    [("bn", [], "zero"), ("convnorm_bn", [], "zero"), ("convnorm", [], "nonzero"),
+     ("convnorm", ["--no-stop-gradient"], "zero"), ("sn", [], "any")],
+)  # fmt: skip
+def test_diagnose_probe(synthetic_npz: Path, tmp_path: Path, variant: str, extra: list[str], radial: str) -> None:
+    """The probe records every conv site and block; a weight's gradient has no radial part when the output
+    ignores the weight's scale (BatchNorm after it, or ConvNorm differentiated through its preconditioner)."""
+    import diagnose_convnorm
+
+    out = tmp_path / "probe.json"
+    argv = ["--data", str(synthetic_npz), "--variant", variant, "--width", "0.0625", "--batch-size", "32",
+            "--threads", "1", "--steps", "3", "--weight-decay", "0", "--out", str(out), *extra]  # fmt: skip
+    assert diagnose_convnorm.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert [s["step"] for s in record["per_step"]] == [0, 1, 2] and [r["step"] for r in record["records"]] == [0, 1, 2]
+    first = record["records"][0]
+    assert len(first["layers"]) == 20 and len(first["blocks"]) == 8
+    assert all(layer["act_grad_rms"] is not None for layer in first["layers"])
+    cosines = [abs(layer["radial_cos"]) for layer in first["layers"]]
+    if radial == "zero":
+        assert max(cosines) < 1e-3
+    elif radial == "nonzero":
+        assert max(cosines) > 1e-2
 
 
 def test_torchrun_two_processes_stay_in_sync(synthetic_npz: Path, tmp_path: Path) -> None:
