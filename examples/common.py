@@ -8,8 +8,10 @@ with the dataset's channel mean and standard deviation when a batch is fed to th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ __all__ = [
     "channel_stats",
     "default_data_path",
     "describe_machine",
+    "library_state",
     "load_arrays",
     "load_checkpoint",
     "normalize",
@@ -297,7 +300,34 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info.update(library_state())
     return info
+
+
+def library_state() -> dict[str, Any]:
+    """Which ``convnorm_fx`` source a run used: the repository commit, and a hash of the package files.
+
+    The hash covers every ``.py`` file of the imported package, so runs made while the library
+    had uncommitted changes can still be told apart.
+    """
+    import convnorm_fx
+
+    package = Path(convnorm_fx.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    state: dict[str, Any] = {"convnorm_fx_sha256": digest.hexdigest(), "git_commit": None, "library_dirty": None}
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], cwd=package.parent, capture_output=True, text=True, timeout=10, check=True)
+        return result.stdout.strip()
+
+    try:
+        state["git_commit"] = git("rev-parse", "HEAD")
+        state["library_dirty"] = bool(git("status", "--porcelain", "--", package.name))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return state
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
