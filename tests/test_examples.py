@@ -231,7 +231,9 @@ def test_reproduce_plan_and_summary(tmp_path: Path, synthetic_npz: Path, capsys:
 
     assert reproduce_small.main(["--dry-run", "--runs", str(tmp_path / "runs")]) == 0
     commands = capsys.readouterr().out.splitlines()
-    assert sum("train_cifar.py" in c for c in commands) == 23 and sum("simba.py" in c for c in commands) == 8
+    assert sum("train_cifar.py" in c for c in commands) == 33 and sum("simba.py" in c for c in commands) == 9
+    assert all("--space pixel" in c for c in commands if "simba.py" in c and "simba_pixel" in c)
+    assert sum("--eval-test every" in c for c in commands) == 6  # the label-noise runs: max test accuracy
     for variant, seed in (("bn", 0), ("bn", 1), ("vanilla", 0)):
         out = tmp_path / "runs" / f"main_{variant}_s{seed}"
         argv = ["--data", str(synthetic_npz), "--variant", variant, "--seed", str(seed), "--epochs", "1",
