@@ -128,10 +128,6 @@ class ConvNormCondConv2d(nn.Module):
             )
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        eval_spectrum = stage_options.pop("eval_spectrum", "cache")
-        if eval_spectrum not in _EVAL_SPECTRA:
-            raise ValueError(f"eval_spectrum must be one of {_EVAL_SPECTRA}, got {eval_spectrum!r}")
-        stage_options.pop("momentum", None)  # no running spectrum: see the class docstring
         factory = {"device": device, "dtype": dtype}
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
@@ -149,19 +145,39 @@ class ConvNormCondConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.num_experts, self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        # With dynamic padding the padded input is the signal: the stage sees no zero padding.
-        zero_padding = (0, 0) if self.dynamic_padding else self.padding
-        self.norm = ConvNorm2d(
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            zero_padding,
-            self.dilation,
-            groups=self.groups,
-            **stage_options,
-            **factory,
-        )
+        self.install_stage(self.stage_for(self, **stage_options))
         self.reset_parameters()
+
+    @staticmethod
+    def stage_for(cond_conv: nn.Module, **stage_options: Any) -> ConvNorm2d:
+        """The :class:`~convnorm_fx.modules.ConvNorm2d` stage (options and parameters) for
+        a ``CondConv2d``'s geometry, next to its weight.
+
+        ``eval_spectrum`` and ``momentum`` are accepted and ignored: see the class docstring.
+        """
+        eval_spectrum = stage_options.pop("eval_spectrum", "cache")
+        if eval_spectrum not in _EVAL_SPECTRA:
+            raise ValueError(f"eval_spectrum must be one of {_EVAL_SPECTRA}, got {eval_spectrum!r}")
+        stage_options.pop("momentum", None)  # no running spectrum: see the class docstring
+        # With dynamic padding the padded input is the signal: the stage sees no zero padding.
+        zero_padding = (0, 0) if cond_conv.dynamic_padding else cond_conv.padding
+        weight = cond_conv.weight
+        return ConvNorm2d(
+            cond_conv.out_channels,
+            cond_conv.kernel_size,
+            cond_conv.stride,
+            zero_padding,
+            cond_conv.dilation,
+            groups=cond_conv.groups,
+            device=weight.device,
+            dtype=weight.dtype,
+            **stage_options,
+        )
+
+    def install_stage(self, stage: ConvNorm2d) -> None:
+        """Make ``stage`` this module's ConvNorm stage (``self.norm``); :func:`convnorm_fx.apply`
+        turns a timm ``CondConv2d`` into a ``ConvNormCondConv2d`` in place with it."""
+        self.norm = stage
 
     def reset_parameters(self) -> None:
         """``CondConv2d``'s initialization of every expert, and the stage's own reset."""

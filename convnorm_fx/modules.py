@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import weakref
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +53,20 @@ def check_stage_arguments(stage: nn.Module, weight: Tensor, y: Tensor | None = N
         )
     if y is not None and (y.dim() != 4 or y.shape[1] != stage.num_channels):
         raise ValueError(f"expected a conv output (N, {stage.num_channels}, H, W), got shape {tuple(y.shape)}")
+
+
+class _SpectrumCache(NamedTuple):
+    """The eval-mode spectrum and what it was computed from."""
+
+    key: tuple[Any, ...]  # grid, weight shape, dtype and device, eps, dilation
+    weight: Tensor  # a copy of the weight's values
+    inv_sqrt: Tensor
+
+
+def _cacheable(weight: Tensor) -> bool:
+    """Whether the values of ``weight`` can be compared: a plain tensor with storage (not a
+    fake, functional or meta tensor seen while tracing or exporting)."""
+    return type(weight) in (Tensor, nn.Parameter) and weight.device.type != "meta"
 
 
 def adopt_conv_parameters(new: nn.Module, conv: nn.Module) -> Any:
@@ -96,10 +109,11 @@ class ConvNorm2d(nn.Module):
         eps: added to the kernel power spectrum; bounds the gain by ``eps ** -0.5``.
         stop_gradient: treat the preconditioner as a constant in backward (§3.3).
         eval_spectrum: ``'cache'`` (default) computes the spectrum of the current weight and
-            reuses it in eval mode while the weight and the input size are unchanged (never
-            saved in ``state_dict``). ``'running'`` keeps an exponential running average of
-            the kernel autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per
-            channel) during training and uses it in eval mode; it is valid at any input size.
+            reuses it in eval mode while the weight's *values* and the input size are
+            unchanged (see :meth:`spectrum`; never saved in ``state_dict``). ``'running'`` keeps
+            an exponential running average of the kernel autocorrelation (a buffer of
+            ``(2 k_h - 1) x (2 k_w - 1)`` lags per channel) during training and uses it in eval
+            mode; it is valid at any input size.
         momentum: running-average momentum for ``eval_spectrum='running'``.
         check_finite: check the weight, the input and the output of every call and raise
             ``FloatingPointError`` naming the site (:attr:`site_name`) at the first NaN or
@@ -198,7 +212,7 @@ class ConvNorm2d(nn.Module):
         else:
             self.register_buffer("running_autocorrelation", None)
         self.bn = nn.BatchNorm2d(num_channels, **factory) if bn else None
-        self._spectrum_cache: tuple[Any, ...] | None = None
+        self._spectrum_cache: _SpectrumCache | None = None
         self.reset_parameters()
 
     # -- parameters and state --------------------------------------------------------
@@ -250,7 +264,7 @@ class ConvNorm2d(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__().copy()
-        state["_spectrum_cache"] = None  # holds a weak reference, which cannot be pickled
+        state["_spectrum_cache"] = None  # derived data: copies and checkpoints stay small
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "ConvNorm2d":
@@ -294,9 +308,22 @@ class ConvNorm2d(nn.Module):
         """The preconditioner's DFT ``(S_k + eps)^{-1/2}`` for ``weight`` on ``grid``.
 
         In training mode it is computed from ``weight`` (and the running average is updated
-        when ``eval_spectrum='running'``). In eval mode it comes from the running average,
-        or from a cache that is reused while ``weight`` is the same Parameter at the same
-        version, on the same grid, device and dtype.
+        when ``eval_spectrum='running'``). In eval mode it comes from the running average
+        (``eval_spectrum='running'``) or from a cache (``'cache'``).
+
+        The cache is reused exactly when ``weight`` has the same values (``torch.equal``
+        with a copy taken when the spectrum was computed), shape, dtype and device as then,
+        on the same grid, with the same ``eps`` and dilation. Comparing values, not the
+        tensor's identity or version counter, covers every way a weight can change: fused
+        optimizer steps (which do not bump the version counter), ``.data`` edits and
+        assignments, ``load_state_dict``, EMA copies, ``vector_to_parameters``, and computed
+        weights (weight standardization, parametrizations) alike. The cost is one copy of the
+        weight per stage while in eval mode and one comparison per forward. It is bypassed
+        (the spectrum computed afresh) while a graph through the spectrum is needed
+        (``stop_gradient=False`` with autograd on), while compiling or exporting, and for
+        tensors whose values cannot be read (fake or meta tensors). The cached tensors are
+        created outside ``torch.inference_mode``, so an eval pass under ``inference_mode``
+        never hands an inference tensor to a later pass with autograd on.
         """
         if self.training:
             if self.running_autocorrelation is not None:
@@ -305,16 +332,16 @@ class ConvNorm2d(nn.Module):
         if self.running_autocorrelation is not None:
             return self._running_spectrum(grid)
         needs_graph = not self.stop_gradient and torch.is_grad_enabled() and weight.requires_grad
-        if needs_graph or _is_compiling() or not isinstance(weight, nn.Parameter):
-            # A computed weight (weight standardization) is a new tensor every call: its
-            # identity says nothing about its value, so it is never cached.
+        if needs_graph or _is_compiling() or not _cacheable(weight):
             return self._fresh_spectrum(weight, grid)
-        key = (weight._version, grid, weight.device, weight.dtype)
+        key = (grid, tuple(weight.shape), weight.dtype, weight.device, self.eps, self.dilation)
         cache = self._spectrum_cache
-        if cache is not None and cache[0]() is weight and cache[1] == key:
-            return cache[2]
-        inv_sqrt = self._fresh_spectrum(weight, grid)
-        self._spectrum_cache = (weakref.ref(weight), key, inv_sqrt.detach())
+        if cache is not None and cache.key == key and torch.equal(cache.weight, weight):
+            return cache.inv_sqrt
+        with torch.inference_mode(False), torch.no_grad():
+            snapshot = weight.detach().clone()
+            inv_sqrt = self._fresh_spectrum(snapshot, grid)
+        self._spectrum_cache = _SpectrumCache(key, snapshot, inv_sqrt)
         return inv_sqrt
 
     # -- finiteness checks ------------------------------------------------------------
@@ -468,36 +495,62 @@ class ConvNormConv2d(nn.Conv2d):
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        self._mode_padding = ops.explicit_padding(self.padding, self.kernel_size, self.dilation)
-        zero_padding = self._mode_padding if padding_mode == "zeros" else (0, 0, 0, 0)
-        self.norm = ConvNorm2d(
-            out_channels,
-            self.kernel_size,
-            self.stride,
+        options = {
+            "affine": affine,
+            "affine_init": affine_init,
+            "bn": bn,
+            "eps": eps,
+            "stop_gradient": stop_gradient,
+            "eval_spectrum": eval_spectrum,
+            "momentum": momentum,
+            "check_finite": check_finite,
+            "algorithm": algorithm,
+        }
+        self.install_stage(self.stage_for(self, **options))
+
+    @staticmethod
+    def stage_for(conv: nn.Conv2d, **options: Any) -> ConvNorm2d:
+        """The :class:`ConvNorm2d` stage for ``conv``'s geometry, next to its weight.
+
+        Args:
+            conv: an ``nn.Conv2d`` (its weight may be a Parameter or a tensor that a
+                reparametrization hook computes, such as ``torch.nn.utils.weight_norm``'s).
+            **options: ConvNorm options of :class:`ConvNorm2d`.
+        """
+        mode_padding = ops.explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
+        zero_padding = mode_padding if conv.padding_mode == "zeros" else (0, 0, 0, 0)
+        weight = conv.weight
+        return ConvNorm2d(
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
             zero_padding,
-            self.dilation,
-            groups=groups,
-            affine=affine,
-            affine_init=affine_init,
-            bn=bn,
-            eps=eps,
-            stop_gradient=stop_gradient,
-            eval_spectrum=eval_spectrum,
-            momentum=momentum,
-            check_finite=check_finite,
-            algorithm=algorithm,
-            device=device,
-            dtype=dtype,
+            conv.dilation,
+            groups=conv.groups,
+            device=weight.device,
+            dtype=weight.dtype,
+            **options,
         )
+
+    def install_stage(self, stage: ConvNorm2d) -> None:
+        """Make ``stage`` this conv's ConvNorm stage (``self.norm``).
+
+        :func:`convnorm_fx.apply` turns an ``nn.Conv2d`` into a ``ConvNormConv2d`` in place:
+        it changes the object's class and installs the stage, so the object keeps its
+        identity, Parameters, hooks, parametrization hooks and every attribute.
+        """
+        self._mode_padding = ops.explicit_padding(self.padding, self.kernel_size, self.dilation)
+        self.norm = stage
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, **options: Any) -> "ConvNormConv2d":
-        """Wrap an existing ``nn.Conv2d``, reusing its ``weight`` and ``bias`` Parameters.
+        """A new ``ConvNormConv2d`` that shares ``conv``'s ``weight`` and ``bias`` Parameters.
 
         Args:
             conv: a plain ``nn.Conv2d`` (subclasses that change the forward pass, such as
-                weight-standardized or dynamically padded convs, are rejected: rewrite them
-                with :func:`convnorm_fx.apply`, which keeps their semantics).
+                weight-standardized or dynamically padded convs, and parametrized convs are
+                rejected: rewrite them with :func:`convnorm_fx.apply`, which keeps their
+                semantics).
             **options: ConvNorm options of :class:`ConvNormConv2d`.
         """
         if not isinstance(conv, nn.Conv2d):
@@ -508,6 +561,12 @@ class ConvNormConv2d(nn.Conv2d):
             raise TypeError(
                 f"{type(conv).__name__} overrides nn.Conv2d's forward, so a module swap would change what it "
                 "computes; use convnorm_fx.apply(model), which rewrites it in the graph"
+            )
+        if not isinstance(conv.weight, nn.Parameter):
+            raise TypeError(
+                f"the weight of this {type(conv).__name__} is computed (a parametrization or a reparametrization "
+                "hook), so a new module cannot share it; use convnorm_fx.apply(model), which normalizes the "
+                "computed weight and keeps the parametrization"
             )
         weight = conv.weight
         new = cls(

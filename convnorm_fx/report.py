@@ -18,7 +18,8 @@ SKIPPED = "skipped"
 ALREADY = "already rewritten"
 OUT_OF_SCOPE = "not rewritten"
 
-_REPORT_ATTRIBUTE = "_convnorm_report"
+#: Attribute of a rewritten model that holds its :class:`RewriteReport`.
+REPORT_ATTRIBUTE = "_convnorm_report"
 
 
 @dataclass
@@ -35,13 +36,17 @@ class ConvSite:
             (``None`` where it could not be read).
         in_channels, out_channels: channel counts where known.
         action: ``'graph rewrite'`` (found in a traced graph and rewritten there),
-            ``'module swap'`` (found by walking modules where tracing failed, swapped for
-            an equivalent ``ConvNormConv2d``), ``'skipped'``, ``'already rewritten'``, or
+            ``'module swap'`` (found by walking modules where tracing failed, and converted
+            in place into an equivalent ``ConvNormConv2d``), ``'skipped'``, ``'already
+            rewritten'``, or
             ``'not rewritten'`` (1-D, 3-D and transposed convs: out of scope).
         reason: why, in words.
         bn: whether a BatchNorm was inserted after the stage.
         learned: whether the conv's weight is learned (a buffer or constant kernel, such as
             a blur filter, is not: it is skipped by design, and ``strict`` ignores it).
+        aliases: the site's other qualified names, where its module is registered under
+            several names (``nn.Sequential(conv, act, conv)``, a stem shared by two heads):
+            one module is one site, rewritten once, and every name reaches the same module.
     """
 
     name: str
@@ -59,6 +64,7 @@ class ConvSite:
     out_channels: int | None = None
     bn: bool = False
     learned: bool = True
+    aliases: tuple[str, ...] = ()
 
     @property
     def rewritten(self) -> bool:
@@ -164,7 +170,7 @@ def rewrite_report(model: nn.Module) -> RewriteReport:
     Raises:
         ValueError: if ``model`` was not produced by :func:`convnorm_fx.apply`.
     """
-    report = getattr(model, _REPORT_ATTRIBUTE, None)
+    report = getattr(model, REPORT_ATTRIBUTE, None)
     if not isinstance(report, RewriteReport):
         raise ValueError(
             f"{type(model).__name__} carries no rewrite report: call convnorm_fx.apply(model) first "

@@ -1,23 +1,28 @@
 """The FX pass: put ConvNorm behind every 2-D convolution of a model.
 
-The pass runs in a fixed order: copy (unless ``inplace``) -> trace -> plan a list of sites
-(qualified name, node, action, reason) -> rewrite -> attach a report -> return the model.
+The pass runs in a fixed order, and changes nothing until everything is known to work:
 
-Each rewritten site becomes: unstrided "full" conv on the *same* weight Parameter (kept at
-its qualified name) -> :class:`~convnorm_fx.modules.ConvNorm2d` (preconditioner, affine,
-crop, stride, bias, optional BatchNorm). How the change is stored keeps the user's model
-intact, so that its class, its other methods (timm's ``forward_features``,
-``reset_classifier`` ...) and its checkpoints keep working:
+1. check the input (wrappers, lazy modules) and copy it unless ``inplace``;
+2. **plan**: trace, and list every conv site (module, qualified names, action, reason);
+3. **prepare**: choose options per site, build every ConvNorm stage, trace and rewrite the
+   graphs of modules that call ``F.conv2d`` and generate their new forward;
+4. **commit**: change the modules in place, as one transaction that is rolled back if
+   anything fails, so a failing ``apply(inplace=True)`` leaves the model as it was.
 
-* a plain ``nn.Conv2d`` module becomes a :class:`~convnorm_fx.modules.ConvNormConv2d` that
-  shares its Parameters;
+Each rewritten site becomes: unstrided "full" conv on the *same* weight -> 
+:class:`~convnorm_fx.modules.ConvNorm2d` (preconditioner, affine, crop, stride, bias,
+optional BatchNorm). Every module keeps its identity (:mod:`convnorm_fx.derived`):
+
+* an ``nn.Conv2d`` *becomes* a :class:`~convnorm_fx.modules.ConvNormConv2d` (its class is
+  changed in place and the stage installed), so its Parameters, hooks, attributes and every
+  name it is registered under stay as they are; a subclass of ``nn.Conv2d`` becomes a
+  subclass of both;
 * timm's ``CondConv2d`` (per-sample mixed expert kernels) becomes a
-  :class:`~convnorm_fx.cond_conv.ConvNormCondConv2d` that shares its Parameters and
-  normalizes each sample's kernel on its own;
-* a functional conv (``F.conv2d``/``torch.conv2d`` on a learned or computed weight, e.g.
-  timm's weight-standardized convs) is rewritten in the graph of the module whose forward
-  calls it, and that module is replaced by its rewritten ``GraphModule`` (same Parameters,
-  same names, plain attributes preserved).
+  :class:`~convnorm_fx.cond_conv.ConvNormCondConv2d` the same way;
+* a functional conv (``F.conv2d``/``torch.conv2d`` on a learned or computed weight: timm's
+  weight-standardized convs, parametrized convs, your own blocks) is rewritten in the graph
+  of the module whose forward calls it, and that module gets a subclass of its own class
+  whose ``forward`` is the rewritten graph, with the stages as new children.
 
 Tracing is a means: where the whole model cannot be traced, the largest traceable
 submodules are used, and plain convs in untraceable code are found by walking the modules.
@@ -26,24 +31,29 @@ Every conv is either rewritten or listed as skipped with a reason.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import operator
 import re
+import sys
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from . import report as rep
 from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
+from .derived import converted_class, forward_source, rewritten_forward_class
 from .modules import ConvNorm2d, ConvNormConv2d
 from .ops import DEFAULT_EPS
 from .report import ConvSite, RewriteReport
-from .tracing import CONV_FUNCTIONS, TracingFailed, is_plain_conv2d, trace
+from .tracing import CONV_FUNCTIONS, TracingFailed, is_plain_conv2d, trace, trace_module
 
 __all__ = ["ConvNormConfig", "RewriteError", "apply"]
 
@@ -80,18 +90,7 @@ class ConvNormConfig:
         if self.bn not in _BN_POLICIES or not isinstance(self.bn, (str, bool)):
             raise ValueError(f"bn must be 'auto', True or False, got {self.bn!r}")
         # The stage validates the rest; build one to fail early with its message.
-        ConvNorm2d(
-            1,
-            1,
-            affine=self.affine,
-            affine_init=self.affine_init,
-            eps=self.eps,
-            stop_gradient=self.stop_gradient,
-            eval_spectrum=self.eval_spectrum,
-            momentum=self.momentum,
-            check_finite=self.check_finite,
-            device="meta",
-        )
+        ConvNorm2d(1, 1, device="meta", **self.stage_options(False))
 
     def stage_options(self, bn: bool) -> dict[str, Any]:
         return {
@@ -150,17 +149,14 @@ _TRANSPARENT_MODULES: tuple[type, ...] = (
 _MAX_HOPS = 4
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _ARG_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-# Modules that convolve but cannot be normalized per output channel, with the reason.
-# (timm's CondConv2d is not one: each sample's mixed kernel is normalized on its own.)
-_UNSUPPORTED_CONV_CLASSES: dict[str, str] = {}
-
+_OUT_OF_SCOPE_CLASSES = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 # Rewritten module sites, reported as already rewritten by a second apply.
 _REWRITTEN_CLASSES = (ConvNormConv2d, ConvNormCondConv2d)
 
 
-def _is_swappable(module: nn.Module) -> bool:
-    """A conv module whose rewritten form is a module swap (plain nn.Conv2d, timm CondConv2d)."""
+def _is_convertible(module: nn.Module) -> bool:
+    """A conv module that becomes a ConvNorm module in place (plain nn.Conv2d, timm CondConv2d)."""
     return is_plain_conv2d(module) or is_cond_conv2d(module)
 
 
@@ -260,27 +256,49 @@ def _next_sibling_norm(parent: nn.Module, name: str) -> str | None:
     return None
 
 
-def _weight_sources(weight: fx.Node | Any, root: nn.Module) -> list[tuple[str, Any]]:
-    """``get_attr`` ancestors of a weight node: (qualified name, tensor or object)."""
+
+
+def _weight_sources(weight: fx.Node | Any, root: nn.Module) -> tuple[list[tuple[str, Any]], bool]:
+    """What a conv's weight node is computed from: ``get_attr`` ancestors and the parameters
+    of modules called on the way (a parametrization), by qualified name; and whether it
+    depends on a forward input (a kernel made per sample)."""
     if not isinstance(weight, fx.Node):
-        return []
-    found, stack, seen = [], [weight], set()
+        return [], False
+    found, stack, seen, from_input = [], [weight], set(), False
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         if node.op == "get_attr":
-            found.append((node.target, _fetch_attr(root, node.target)))
-        stack.extend(n for n in node.all_input_nodes)
-    return found
+            found.append((node.target, _attribute(root, node.target)))
+        elif node.op == "call_module":
+            module = root.get_submodule(node.target)
+            found.extend((_join(node.target, name), p) for name, p in module.named_parameters())
+        elif node.op == "placeholder":
+            from_input = True
+        stack.extend(node.all_input_nodes)
+    return found, from_input
 
 
-def _fetch_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _attribute(root: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(root.get_submodule(owner) if owner else root, name)
+
+
+def _is_parametrization(module: nn.Module) -> bool:
+    return isinstance(module, parametrize.ParametrizationList)
+
+
+def _stack_owner(node: fx.Node) -> tuple[str, bool]:
+    """The qualified name of the module whose own code made ``node`` (from the tracer's
+    module stack), and whether this is that module's first call."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", True
+    key = next(reversed(stack))
+    path = stack[key][0] if isinstance(stack[key], tuple) else key
+    return path, re.search(r"@\d+$", key) is None
 
 
 # --------------------------------------------------------------------------------------
@@ -293,39 +311,41 @@ class _Planned:
     """A site plus what the rewrite needs to act on it."""
 
     site: ConvSite
-    module_fqn: str = ""  # module sites: the conv; function sites: the calling module
+    module: nn.Module  # module sites: the conv; function sites: the module calling F.conv2d
     followed_by: str | None = None
     function_index: int = -1  # function sites: order among the owner's own conv calls
     kernel_shape: tuple[int, int, int, int] | None = None  # function sites: (C_out, C_in/g, kh, kw)
-    reference: Any = None  # function sites: a Parameter for device/dtype
+    reference: Any = None  # function sites: a tensor with the weight's device and dtype
     pooled_input: str | None = None  # the conv reads a globally pooled 1x1 map (squeeze-excite)
 
 
 class _Planner:
-    """Finds every conv site of a model (trace where possible, walk modules elsewhere)."""
+    """Finds every conv site of a model (trace where possible, walk modules elsewhere).
+
+    Planning changes nothing: traces leave the modules as they were. A module registered
+    under several names is one site, listed under its first name with the others as aliases.
+    """
 
     def __init__(self, model: nn.Module, tracer_options: Mapping[str, Any]) -> None:
         self.model = model
         self.tracer_options = dict(tracer_options)
         self.planned: list[_Planned] = []
         self.report = RewriteReport(model_class=type(model).__name__)
-        self._seen_modules: set[str] = set()
-        self._function_counts: dict[str, int] = {}
+        self._seen: set[int] = set()  # conv modules listed as sites
+        self._walked: set[int] = set()  # untraceable modules walked
+        self._function_counts: dict[int, int] = {}  # owner -> its F.conv2d calls listed
 
     # -- discovery ---------------------------------------------------------------------
 
     def run(self) -> list[_Planned]:
-        if is_cond_conv2d(self.model) or isinstance(self.model, ConvNormCondConv2d):
-            # A CondConv is always a leaf (its grouped conv depends on the batch size): the
-            # model itself is then the one site, swapped as a whole.
-            self._seen_modules.add("")
-            if is_cond_conv2d(self.model):
-                self._add_module_site(self.model, "", rep.MODULE_SWAP, "the model is a CondConv2d; swapped", None)
-            else:
-                self._add_module_site(self.model, "", rep.ALREADY, "ConvNormCondConv2d", None)
+        if isinstance(self.model, _REWRITTEN_CLASSES):
+            self._add_module_site(self.model, "", rep.ALREADY, type(self.model).__name__, None)
+        elif _is_convertible(self.model):
+            self._add_module_site(self.model, "", rep.MODULE_SWAP, "the model is itself a conv module", None)
         else:
             self._visit(self.model, "")
         self._sweep_unvisited()
+        self._name_aliases()
         return self.planned
 
     def _visit(self, module: nn.Module, prefix: str) -> None:
@@ -367,8 +387,11 @@ class _Planner:
             return None
 
     def _walk_untraceable(self, module: nn.Module, prefix: str) -> None:
+        if id(module) in self._walked:
+            return
+        self._walked.add(id(module))
         kernels = [n for n, p in module.named_parameters(recurse=False) if p.dim() == 4]
-        if kernels and not isinstance(module, nn.Conv2d) and type(module).__name__ not in _UNSUPPORTED_CONV_CLASSES:
+        if kernels and not isinstance(module, nn.Conv2d) and not _is_parametrization(module):
             site = ConvSite(
                 name=f"{prefix}#conv2d",
                 kind="function",
@@ -377,52 +400,47 @@ class _Planner:
                 reason=f"'{prefix}' could not be traced and holds 4-D parameter(s) {kernels}: "
                 "a functional conv in its forward cannot be rewritten (make it traceable or wrap the conv in nn.Conv2d)",
             )
-            self.planned.append(_Planned(site=site, module_fqn=prefix))
+            self.planned.append(_Planned(site=site, module=module))
             self.report.sites.append(site)
         for name, child in module.named_children():
             fqn = _join(prefix, name)
-            if _is_swappable(child):
-                self._seen_modules.add(fqn)
-                followed = _next_sibling_norm(module, name)
-                reason = f"'{prefix or type(module).__name__}' could not be traced; swapped in place"
-                self._add_module_site(child, fqn, rep.MODULE_SWAP, reason, followed)
+            if id(child) in self._seen:
+                continue
+            if _is_convertible(child):
+                reason = f"'{prefix or type(module).__name__}' could not be traced; converted in place"
+                self._add_module_site(child, fqn, rep.MODULE_SWAP, reason, _next_sibling_norm(module, name))
             elif isinstance(child, _REWRITTEN_CLASSES):
-                self._seen_modules.add(fqn)
                 self._add_module_site(child, fqn, rep.ALREADY, type(child).__name__, None)
-            elif _has_conv_work(child):
+            elif _has_conv_work(child) and not _is_parametrization(child):
                 self._visit(child, fqn)
 
     def _plan_module_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
         module = root.get_submodule(node.target)
         fqn = _join(prefix, node.target)
-        if fqn in self._seen_modules:
-            return  # a module called twice is one site
-        if _is_swappable(module):
-            self._seen_modules.add(fqn)
+        if id(module) in self._seen:
+            return  # a module called twice (or under two names) is one site
+        if _is_convertible(module):
             followed = _flows_into_norm(node, root)
             self._add_module_site(module, fqn, rep.GRAPH_REWRITE, f"{type(module).__name__} in the traced graph", followed)
             self.planned[-1].pooled_input = _reads_pooled_map(node, root)
         elif isinstance(module, _REWRITTEN_CLASSES):
-            self._seen_modules.add(fqn)
             self._add_module_site(module, fqn, rep.ALREADY, type(module).__name__, None)
-        elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-            self._seen_modules.add(fqn)
-            self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
-        elif type(module).__name__ in _UNSUPPORTED_CONV_CLASSES:
-            self._seen_modules.add(fqn)
-            self._add_module_site(module, fqn, rep.SKIPPED, _UNSUPPORTED_CONV_CLASSES[type(module).__name__], None)
-        elif _has_conv_work(module) and not isinstance(module, ConvNorm2d):
+        elif isinstance(module, _OUT_OF_SCOPE_CLASSES):
+            reason = f"{type(module).__name__}: only 2-D convolutions are normalized"
+            self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, reason, None)
+        elif _has_conv_work(module) and not isinstance(module, ConvNorm2d) and not _is_parametrization(module):
             # A leaf that hides convs (untraceable child, user leaf_modules): walk it.
             self._walk_untraceable(module, fqn)
 
     def _plan_function_node(self, root: nn.Module, prefix: str, node: fx.Node) -> None:
-        stack = node.meta.get("nn_module_stack") or {}
-        owner_rel = next(reversed(stack)) if stack else ""
+        owner_rel, first_call = _stack_owner(node)
+        if not first_call:
+            return  # the same F.conv2d of a module called again: one site
         owner_fqn = _join(prefix, owner_rel)
         owner = root.get_submodule(owner_rel) if owner_rel else root
         args = _conv_args(node)
-        index = self._function_counts.get(owner_fqn, 0)
-        self._function_counts[owner_fqn] = index + 1
+        index = self._function_counts.get(id(owner), 0)
+        self._function_counts[id(owner)] = index + 1
         name = f"{owner_fqn}#conv2d" + (f"_{index}" if index else "")
         geometry = {
             "stride": args["stride"],
@@ -431,13 +449,9 @@ class _Planner:
             "groups": args["groups"],
         }
         site = ConvSite(name=name, kind="function", conv_class=type(owner).__name__, action=rep.SKIPPED, reason="")
-        planned = _Planned(site=site, module_fqn=owner_fqn, function_index=index)
-        if isinstance(owner, nn.Conv2d) or type(owner).__name__ in _UNSUPPORTED_CONV_CLASSES:
-            self._seen_modules.add(owner_fqn)
-        if type(owner).__name__ in _UNSUPPORTED_CONV_CLASSES:
-            site.reason = _UNSUPPORTED_CONV_CLASSES[type(owner).__name__]
-            self._record(planned, geometry)
-            return
+        planned = _Planned(site=site, module=owner, function_index=index)
+        if isinstance(owner, nn.Conv2d):
+            self._seen.add(id(owner))
         users = list(node.users)
         if len(users) == 1 and users[0].op == "call_module" and isinstance(root.get_submodule(users[0].target), ConvNorm2d):
             site.action, site.reason = rep.ALREADY, "followed by a ConvNorm2d stage"
@@ -447,8 +461,12 @@ class _Planner:
             site.reason = "stride/padding/dilation/groups are computed from the input (dynamic geometry)"
             self._record(planned, geometry)
             return
-        sources = _weight_sources(args["weight"], root)
+        sources, from_input = _weight_sources(args["weight"], root)
         parameters = [(n, t) for n, t in sources if isinstance(t, nn.Parameter)]
+        if from_input:
+            site.reason = "the weight is computed from the input (a kernel per sample), not from parameters alone"
+            self._record(planned, geometry)
+            return
         if not parameters:
             site.reason = "weight is a buffer or constant, not a learned parameter"
             site.learned = False
@@ -487,57 +505,61 @@ class _Planner:
         self.report.sites.append(site)
 
     def _add_module_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
-        if is_cond_conv2d(module) or isinstance(module, ConvNormCondConv2d):
-            self._add_cond_conv_site(module, fqn, action, reason, followed)
-            return
-        self._add_conv_site(module, fqn, action, reason, followed)
-
-    def _add_conv_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
-        site = ConvSite(name=fqn, kind="module", conv_class=type(module).__name__, action=action, reason=reason)
-        for key in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"):
-            value = getattr(module, key, None)
-            setattr(site, key, tuple(value) if isinstance(value, list) else value)
-        self.planned.append(_Planned(site=site, module_fqn=fqn, followed_by=followed))
-        self.report.sites.append(site)
-
-    def _add_cond_conv_site(self, module: nn.Module, fqn: str, action: str, reason: str, followed: str | None) -> None:
-        """A CondConv2d (or its rewritten form): the geometry of one sample's conv, and how it runs."""
-        if action != rep.ALREADY:
+        self._seen.add(id(module))
+        cond_conv = is_cond_conv2d(module) or isinstance(module, ConvNormCondConv2d)
+        if cond_conv and action != rep.ALREADY:
             reason += (
                 f"; per-sample CondConv ({module.num_experts} experts): each sample's mixed kernel is "
                 f"normalized on its own (grouped conv, groups = batch x {module.groups}), its spectrum "
                 "computed per sample in train and eval"
             )
-        self._add_conv_site(module, fqn, action, reason, followed)
-        site = self.planned[-1].site
-        site.padding_mode = "zeros"
-        if module.dynamic_padding:
-            site.padding = "same"  # timm's TF "same" padding, computed from each input
+        site = ConvSite(name=fqn, kind="module", conv_class=type(module).__name__, action=action, reason=reason)
+        for key in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels"):
+            value = getattr(module, key, None)
+            setattr(site, key, tuple(value) if isinstance(value, list) else value)
+        if cond_conv:
+            site.padding_mode = "zeros"
+            if module.dynamic_padding:
+                site.padding = "same"  # timm's TF "same" padding, computed from each input
+        self.planned.append(_Planned(site=site, module=module, followed_by=followed))
+        self.report.sites.append(site)
 
     def _sweep_unvisited(self) -> None:
         """Convs that no graph reached (not called by forward, or inside leaves): list them all."""
         for fqn, module in self.model.named_modules():
-            if fqn in self._seen_modules or any(fqn.startswith(p + ".") for p in ()):
+            if id(module) in self._seen:
                 continue
-            if _is_swappable(module):
+            if _is_convertible(module):
                 parent_name, _, name = fqn.rpartition(".")
-                parent = self.model.get_submodule(parent_name) if parent_name else self.model
-                self._seen_modules.add(fqn)
-                followed = _next_sibling_norm(parent, name)
-                self._add_module_site(module, fqn, rep.MODULE_SWAP, "not called by the traced forward(); swapped in place", followed)
+                parent = self.model.get_submodule(parent_name)
+                reason = "not called by the traced forward(); converted in place"
+                self._add_module_site(module, fqn, rep.MODULE_SWAP, reason, _next_sibling_norm(parent, name))
             elif isinstance(module, _REWRITTEN_CLASSES):
-                self._seen_modules.add(fqn)
                 self._add_module_site(module, fqn, rep.ALREADY, type(module).__name__, None)
-            elif isinstance(module, nn.Conv2d) and fqn not in self._function_counts:
-                self._seen_modules.add(fqn)
-                reason = f"{type(module).__name__} changes nn.Conv2d's forward and was not reached by a traced graph"
-                self._add_module_site(module, fqn, rep.SKIPPED, reason, None)
-            elif type(module).__name__ in _UNSUPPORTED_CONV_CLASSES and fqn not in self._seen_modules:
-                self._seen_modules.add(fqn)
-                self._add_module_site(module, fqn, rep.SKIPPED, _UNSUPPORTED_CONV_CLASSES[type(module).__name__], None)
-            elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-                self._seen_modules.add(fqn)
-                self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, f"{type(module).__name__}: only 2-D convolutions are normalized", None)
+            elif isinstance(module, nn.Conv2d) and id(module) not in self._function_counts:
+                # A conv that changes nn.Conv2d's forward (or is parametrized) and that no
+                # traced graph reached: trace it on its own.
+                if id(module) not in self._walked:
+                    self._visit(module, fqn)
+                if id(module) not in self._seen:
+                    how = "could not be traced" if id(module) in self._walked else "was not reached by a traced graph"
+                    reason = f"{type(module).__name__} changes nn.Conv2d's forward and {how}"
+                    self._add_module_site(module, fqn, rep.SKIPPED, reason, None)
+            elif isinstance(module, _OUT_OF_SCOPE_CLASSES):
+                reason = f"{type(module).__name__}: only 2-D convolutions are normalized"
+                self._add_module_site(module, fqn, rep.OUT_OF_SCOPE, reason, None)
+
+    def _name_aliases(self) -> None:
+        """Every other name under which a site's module is registered."""
+        names: dict[int, list[str]] = collections.defaultdict(list)
+        for fqn, module in self.model.named_modules(remove_duplicate=False):
+            names[id(module)].append(fqn)
+        for planned in self.planned:
+            site = planned.site
+            owner_name, hash_sign, suffix = site.name.partition("#")
+            site.aliases = tuple(
+                name + hash_sign + suffix for name in dict.fromkeys(names[id(planned.module)]) if name != owner_name
+            )
 
 
 def _has_conv_work(module: nn.Module) -> bool:
@@ -551,25 +573,98 @@ def _has_conv_work(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------
+# Checks on the input
+# --------------------------------------------------------------------------------------
+
+
+def _wrapper_kind(module: nn.Module) -> str | None:
+    """The name of the wrapper ``module`` is, if it is one that distributes or compiles a model."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return "DistributedDataParallel"
+    if isinstance(module, nn.DataParallel):
+        return "DataParallel"
+    # Only look where the wrapper's module is loaded: a model cannot hold an instance otherwise.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    for name in ("FullyShardedDataParallel", "FSDPModule"):
+        cls = getattr(fsdp, name, None)
+        if cls is not None and isinstance(module, cls):
+            return "FSDP"
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    if compiled is not None and isinstance(module, compiled):
+        return "torch.compile"
+    return None
+
+
+_WRAPPER_ADVICE = {
+    "DistributedDataParallel": (
+        "DDP registers the parameters it synchronizes when it is built, so the ConvNorm parameters that apply "
+        "adds would silently differ across ranks. Rewrite first, then wrap: "
+        "DistributedDataParallel(convnorm_fx.apply(model), ...)"
+    ),
+    "FSDP": (
+        "FSDP shards the parameters it holds when it is built, and the ConvNorm parameters that apply adds would "
+        "not be sharded or synchronized. Rewrite first, then shard: fully_shard(convnorm_fx.apply(model)) or "
+        "FullyShardedDataParallel(convnorm_fx.apply(model), ...)"
+    ),
+    "torch.compile": (
+        "the compiled wrapper would keep running the code it compiled. Rewrite first, then compile: "
+        "torch.compile(convnorm_fx.apply(model)) (the wrapper holds the original module as ._orig_mod)"
+    ),
+    "DataParallel": (
+        "apply rewrites a top-level nn.DataParallel through its .module, but not one nested inside a model. "
+        "Rewrite the model before wrapping parts of it"
+    ),
+}
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Refuse, before anything changes, what apply cannot rewrite correctly."""
+    for name, module in model.named_modules():
+        kind = _wrapper_kind(module)
+        if kind is not None:
+            where = f" at '{name}'" if name else ""
+            raise TypeError(f"convnorm_fx.apply got a model wrapped in {kind}{where}: {_WRAPPER_ADVICE[kind]}. Nothing was changed.")
+        if isinstance(module, nn.Conv2d) and isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            if module.has_uninitialized_params():
+                raise ValueError(
+                    f"{type(module).__name__} '{name or type(model).__name__}' has no weight yet: run one forward pass "
+                    "(e.g. model(example_input)) to materialize it, then call convnorm_fx.apply. Nothing was changed."
+                )
+
+
+def _deep_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copies modules holding a computed tensor as a plain
+    attribute (``torch.nn.utils.weight_norm`` and ``spectral_norm`` keep ``weight`` so; such
+    tensors are not graph leaves, which deepcopy refuses). The copy gets their detached value,
+    which the module's hook recomputes at the next forward anyway."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+# --------------------------------------------------------------------------------------
 # Selection
 # --------------------------------------------------------------------------------------
 
 
 def _select(
     planned: _Planned,
-    model: nn.Module,
     base: ConvNormConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     overrides: Mapping[str, Any] | None,
 ) -> ConvNormConfig | None:
     site = planned.site
-    module = model.get_submodule(planned.module_fqn) if planned.module_fqn else model
-    if filter_fn is not None and not filter_fn(module, site.name):
+    if filter_fn is not None and not filter_fn(planned.module, site.name):
         site.action, site.reason = rep.SKIPPED, "excluded by filter_fn"
         return None
     if overrides:
+        module_name = site.name.partition("#")[0]
         for pattern, value in overrides.items():
-            if pattern == site.name or pattern == planned.module_fqn or re.fullmatch(pattern, site.name):
+            if pattern == site.name or pattern == module_name or re.fullmatch(pattern, site.name):
                 if value is None:
                     site.action, site.reason = rep.SKIPPED, f"excluded by overrides[{pattern!r}]"
                     return None
@@ -593,28 +688,114 @@ def _decide_bn(config: ConvNormConfig, planned: _Planned) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Rewriting
+# Preparing: everything that can fail, before any module changes
 # --------------------------------------------------------------------------------------
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, name = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, name, new)
+@dataclass
+class _Conversion:
+    """A conv module that becomes a ConvNorm module in place."""
+
+    module: nn.Module
+    new_class: type
+    stage: ConvNorm2d
+
+    def commit(self, transaction: _Transaction) -> None:
+        transaction.touch(self.module)
+        self.module.__class__ = self.new_class
+        self.module.install_stage(self.stage)
 
 
-def _rewrite_functional_owner(
-    owner: nn.Module, sites: list[tuple[_Planned, ConvNormConfig, bool]], tracer_options: Mapping[str, Any]
-) -> fx.GraphModule:
+@dataclass
+class _ForwardRewrite:
+    """A module whose own forward calls F.conv2d: new children (the stages, and tensor
+    constants of its code) and a subclass of its class whose forward is the rewritten graph."""
+
+    owner: nn.Module
+    new_class: type
+    stages: dict[str, ConvNorm2d]
+    constants: dict[str, Any] = field(default_factory=dict)
+
+    def commit(self, transaction: _Transaction) -> None:
+        transaction.touch(self.owner)
+        for name, stage in self.stages.items():
+            self.owner.add_module(name, stage)
+        for name, value in self.constants.items():
+            setattr(self.owner, name, value)
+        self.owner.__class__ = self.new_class
+
+
+def _prepare(
+    planned_sites: list[_Planned],
+    base: ConvNormConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    overrides: Mapping[str, Any] | None,
+    tracer_options: Mapping[str, Any],
+) -> list[_Conversion | _ForwardRewrite]:
+    """Choose each site's options and build every change; the model is not touched."""
+    edits: list[_Conversion | _ForwardRewrite] = []
+    owners: dict[int, list[tuple[_Planned, dict[str, Any]]]] = {}
+    for planned in planned_sites:
+        if planned.site.action not in (rep.GRAPH_REWRITE, rep.MODULE_SWAP):
+            continue
+        config = _select(planned, base, filter_fn, overrides)
+        if config is None:
+            continue
+        use_bn = _decide_bn(config, planned)
+        planned.site.bn = use_bn
+        options = config.stage_options(use_bn)
+        if planned.site.kind == "function":
+            owners.setdefault(id(planned.module), []).append((planned, options))
+            continue
+        module = planned.module
+        convnorm_class = ConvNormCondConv2d if is_cond_conv2d(module) else ConvNormConv2d
+        if convnorm_class is ConvNormCondConv2d and config.eval_spectrum == "running":
+            planned.site.reason += "; eval_spectrum='running' does not apply (a new kernel per sample)"
+        stage = convnorm_class.stage_for(module, **options)
+        stage.site_name = planned.site.name
+        stage.train(module.training)
+        edits.append(_Conversion(module, converted_class(convnorm_class, type(module)), stage))
+    for sites in owners.values():
+        edits.append(_prepare_forward_rewrite(sites[0][0].module, sites, tracer_options))
+    return edits
+
+
+def _read_parametrized_attributes(graph: fx.Graph, owner: nn.Module) -> None:
+    """Read parametrized tensors as attributes (``self.weight``), as the module's code does,
+    not by calling their parametrization: ``torch.nn.utils.parametrize.cached()`` then
+    still applies."""
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.args or node.kwargs:
+            continue
+        parent, _, tensor_name = node.target.rpartition(".")
+        holder, _, registry = parent.rpartition(".")
+        if registry != "parametrizations" or not _is_parametrization(owner.get_submodule(node.target)):
+            continue
+        with graph.inserting_before(node):
+            read = graph.get_attr(_join(holder, tensor_name))
+        node.replace_all_uses_with(read)
+        graph.erase_node(node)
+
+
+def _free_name(owner: nn.Module, taken: Iterable[str], name: str) -> str:
+    candidate, suffix = name, 0
+    while hasattr(owner, candidate) or candidate in taken:
+        suffix += 1
+        candidate = f"{name}_{suffix}"
+    return candidate
+
+
+def _prepare_forward_rewrite(
+    owner: nn.Module, sites: list[tuple[_Planned, dict[str, Any]]], tracer_options: Mapping[str, Any]
+) -> _ForwardRewrite:
     """Trace the module whose forward calls F.conv2d and rewrite those calls in its graph."""
-    graph = trace(owner, **tracer_options)
-    own_calls = [
-        n
-        for n in graph.nodes
-        if n.op == "call_function" and n.target in CONV_FUNCTIONS and not n.meta.get("nn_module_stack")
-    ]
-    gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
-    for planned, config, bn in sites:
+    # Only the module's own code: its children stay calls, each rewritten on its own.
+    traced = trace_module(owner, **tracer_options, own_code_only=True)
+    graph = traced.graph
+    _read_parametrized_attributes(graph, owner)
+    own_calls = [n for n in graph.nodes if n.op == "call_function" and n.target in CONV_FUNCTIONS]
+    stages: dict[str, ConvNorm2d] = {}
+    for planned, options in sites:
         if planned.function_index >= len(own_calls):
             raise RewriteError(f"could not find {planned.site.name} again when rewriting it; please report this model")
         node = own_calls[planned.function_index]
@@ -629,11 +810,12 @@ def _rewrite_functional_owner(
             groups=int(args["groups"]),
             device=reference.device,
             dtype=reference.dtype,
-            **config.stage_options(bn),
+            **options,
         )
         stage.site_name = planned.site.name
-        stage_name = "convnorm" if planned.function_index == 0 else f"convnorm_{planned.function_index}"
-        gm.add_submodule(stage_name, stage)
+        stage.train(owner.training)
+        stage_name = _free_name(owner, stages, "convnorm" if planned.function_index == 0 else f"convnorm_{planned.function_index}")
+        stages[stage_name] = stage
         with graph.inserting_before(node):
             full = graph.call_function(
                 F.conv2d,
@@ -643,13 +825,58 @@ def _rewrite_functional_owner(
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.lint()
-    gm.recompile()
-    # Keep the owner's plain attributes (in_channels, stride, eps, ...) for code that reads them.
-    for key, value in vars(owner).items():
-        if not key.startswith("_") and not hasattr(gm, key) and isinstance(value, (int, float, str, bool, tuple, type(None))):
-            setattr(gm, key, value)
-    gm.train(owner.training)
-    return gm
+    source, namespace = forward_source(graph)
+    base = type(owner)
+    recipe = getattr(base, "_convnorm_recipe", None)
+    if recipe is not None and recipe[0] == "forward":
+        base = recipe[1]  # rewritten before: derive from the user's class again
+    return _ForwardRewrite(owner, rewritten_forward_class(base, source, namespace), stages, traced.constants)
+
+
+# --------------------------------------------------------------------------------------
+# Committing: one transaction
+# --------------------------------------------------------------------------------------
+
+
+class _Transaction:
+    """Module changes that can be undone: before its first change, each module's class and
+    shallow state (attributes, children, parameters, buffers) are recorded."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[nn.Module, type, dict[str, Any], dict[str, dict[str, Any]]]] = []
+        self._touched: set[int] = set()
+
+    def touch(self, module: nn.Module) -> None:
+        if id(module) in self._touched:
+            return
+        self._touched.add(id(module))
+        registries = {key: dict(getattr(module, key)) for key in ("_modules", "_parameters", "_buffers")}
+        self._saved.append((module, type(module), dict(vars(module)), registries))
+
+    def rollback(self) -> None:
+        for module, cls, attributes, registries in reversed(self._saved):
+            module.__class__ = cls
+            vars(module).clear()
+            vars(module).update(attributes)
+            for key, saved in registries.items():
+                registry = getattr(module, key)
+                registry.clear()
+                registry.update(saved)
+
+
+@contextlib.contextmanager
+def _transaction() -> Iterator[_Transaction]:
+    transaction = _Transaction()
+    try:
+        yield transaction
+    except BaseException:
+        transaction.rollback()
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------
 
 
 def apply(
@@ -675,7 +902,10 @@ def apply(
     """Rewrite every 2-D convolution of ``model`` into conv -> ConvNorm -> crop/stride -> (BN).
 
     Args:
-        model: any ``nn.Module`` (timm, torchvision, your own).
+        model: any ``nn.Module`` (timm, torchvision, your own), or an ``nn.DataParallel``
+            around one (the module inside is rewritten). Models wrapped in
+            ``DistributedDataParallel``, FSDP or ``torch.compile`` are refused: rewrite first,
+            then wrap. Lazy convs must have run one forward pass.
         bn: BatchNorm after each stage: ``'auto'`` (only where the conv output does not
             already flow into a normalization), ``True`` (always) or ``False`` (never).
         affine, affine_init, eps, stop_gradient, eval_spectrum, momentum: options of every
@@ -689,7 +919,8 @@ def apply(
         overrides: per-site options by exact name or full-match regex, checked in order:
             ``{"conv1": None}`` skips the stem, ``{r"layer4\\..*": {"bn": False}}`` changes
             options. Names are those of :func:`rewrite_report` (``name`` column).
-        inplace: modify ``model`` itself instead of a deep copy.
+        inplace: modify ``model`` itself instead of a deep copy. Either way nothing changes
+            if ``apply`` raises.
         strict: raise :class:`RewriteError` if any learned conv is not rewritten.
         graph_module: return one flat ``torch.fx.GraphModule`` of the rewritten model
             instead of the model object.
@@ -698,7 +929,9 @@ def apply(
 
     Returns:
         The rewritten model: by default the same class and attributes (a deep copy unless
-        ``inplace``). Its report is available from :func:`rewrite_report`.
+        ``inplace``). Every rewritten module is the same object as before, with a subclass
+        of its class, so hooks, parametrizations, attributes and module sharing survive. Its
+        report is available from :func:`rewrite_report`.
 
     Example:
         >>> import torchvision
@@ -717,63 +950,36 @@ def apply(
             re.compile(pattern)
             if value is not None:
                 dataclasses.replace(base, **dict(value))  # fail early on unknown or bad options
+    wrapped = isinstance(model, nn.DataParallel)
+    _check_supported(model.module if wrapped else model)
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deep_copy(model)
+    target = model.module if wrapped else model
     tracer_options = {
         "leaf_modules": tuple(leaf_modules),
         "autowrap_functions": tuple(autowrap_functions),
     }
-    planner = _Planner(model, {**tracer_options, "concrete_args": concrete_args})
+    planner = _Planner(target, {**tracer_options, "concrete_args": concrete_args})
     planned_sites = planner.run()
     report = planner.report
-
-    functional: dict[str, list[tuple[_Planned, ConvNormConfig, bool]]] = {}
-    for planned in planned_sites:
-        if planned.site.action not in (rep.GRAPH_REWRITE, rep.MODULE_SWAP):
-            continue
-        config = _select(planned, model, base, filter_fn, overrides)
-        if config is None:
-            continue
-        use_bn = _decide_bn(config, planned)
-        planned.site.bn = use_bn
-        if planned.site.kind == "module":
-            conv = model.get_submodule(planned.module_fqn)
-            wrap = ConvNormConv2d.from_conv
-            if is_cond_conv2d(conv):
-                wrap = ConvNormCondConv2d.from_cond_conv
-                if config.eval_spectrum == "running":
-                    planned.site.reason += "; eval_spectrum='running' does not apply (a new kernel per sample)"
-            swapped = wrap(conv, **config.stage_options(use_bn))
-            swapped.norm.site_name = planned.site.name
-            if planned.module_fqn:
-                _set_submodule(model, planned.module_fqn, swapped)
-            else:
-                model = swapped  # the model is one CondConv2d
-        else:
-            functional.setdefault(planned.module_fqn, []).append((planned, config, use_bn))
-
-    # Deepest owners first, so an owner's graph already sees its rewritten children.
-    for owner_fqn in sorted(functional, key=lambda f: -f.count(".") - bool(f)):
-        owner = model.get_submodule(owner_fqn) if owner_fqn else model
-        gm = _rewrite_functional_owner(owner, functional[owner_fqn], tracer_options)
-        if owner_fqn:
-            _set_submodule(model, owner_fqn, gm)
-        else:
-            warnings.warn(
-                f"{type(model).__name__}.forward itself calls F.conv2d, so the rewritten model is a GraphModule "
-                "and its other methods are not kept; wrap the functional conv in a submodule to keep the class",
-                stacklevel=2,
-            )
-            model = gm
+    edits = _prepare(planned_sites, base, filter_fn, overrides, tracer_options)
 
     if not report.sites:
-        warnings.warn(f"{type(model).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)
+        warnings.warn(f"{type(target).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)
     left_out = [s for s in report.sites if s.action == rep.SKIPPED and s.learned and not s.reason.startswith("excluded")]
     if strict and left_out:
         lines = "\n".join(f"  {s.name}: {s.reason}" for s in left_out)
         raise RewriteError(f"{len(left_out)} conv site(s) were not rewritten (strict=True):\n{lines}")
+
+    with _transaction() as transaction:
+        for edit in edits:
+            edit.commit(transaction)
+        for holder in {id(m): m for m in (model, target)}.values():
+            transaction.touch(holder)
+            setattr(holder, rep.REPORT_ATTRIBUTE, report)
     if graph_module:
-        graph = trace(model, **tracer_options, trace_convnorm_convs=True)
-        model = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}ConvNorm")
-    setattr(model, rep._REPORT_ATTRIBUTE, report)
+        graph = trace(target, **tracer_options, trace_convnorm_convs=True)
+        flat = fx.GraphModule(target, graph, class_name=f"{type(target).__name__}ConvNorm")
+        setattr(flat, rep.REPORT_ATTRIBUTE, report)
+        return flat
     return model

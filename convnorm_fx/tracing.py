@@ -14,17 +14,25 @@ and timm's leaf registry contains conv-bearing blocks (``NormFreeBlock``, ``Mobi
   batch size) and its rewritten :class:`~convnorm_fx.cond_conv.ConvNormCondConv2d` leaves, so
   each is one ``call_module`` node that a module swap replaces;
 * treats :class:`~convnorm_fx.modules.ConvNorm2d` stages and (optionally)
-  :class:`~convnorm_fx.modules.ConvNormConv2d` as leaves, so a rewritten model traces too.
+  :class:`~convnorm_fx.modules.ConvNormConv2d` as leaves, so a rewritten model traces too;
+* traces *through* parametrized convs (``torch.nn.utils.parametrize``), whose convolved
+  weight is computed by the parametrization.
+
+Tracing leaves the traced module as it was: ``torch.fx`` stores tensor constants it meets as
+attributes of the root (``_tensor_constant0`` ...); :func:`trace_module` removes them again
+and hands them back with the graph.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+import inspect
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
 from .modules import ConvNorm2d, ConvNormConv2d
@@ -32,9 +40,11 @@ from .modules import ConvNorm2d, ConvNormConv2d
 __all__ = [
     "CONV_FUNCTIONS",
     "ConvTracer",
+    "TracedModule",
     "TracingFailed",
     "is_plain_conv2d",
     "trace",
+    "trace_module",
 ]
 
 #: Callables that are a 2-D convolution when they appear as ``call_function`` targets.
@@ -46,13 +56,16 @@ class TracingFailed(RuntimeError):
 
 
 def is_plain_conv2d(module: nn.Module) -> bool:
-    """True for ``nn.Conv2d`` and subclasses that keep its forward pass.
+    """True for ``nn.Conv2d`` and subclasses that keep its forward pass and its weight.
 
-    Such a module can be swapped for :class:`ConvNormConv2d` without changing what it
-    computes. Subclasses overriding ``forward`` or ``_conv_forward`` (weight standardization,
-    dynamic padding, ...) are not plain: they must be traced through.
+    Such a module becomes a :class:`ConvNormConv2d` without changing what it computes.
+    Subclasses overriding ``forward`` or ``_conv_forward`` (weight standardization, dynamic
+    padding, ...) and parametrized convs (the convolved weight is computed) are not plain:
+    they are traced through, so the weight that is really convolved is the one normalized.
     """
     if not isinstance(module, nn.Conv2d) or isinstance(module, ConvNormConv2d):
+        return False
+    if parametrize.is_parametrized(module):
         return False
     cls = type(module)
     return cls.forward is nn.Conv2d.forward and cls._conv_forward is nn.Conv2d._conv_forward
@@ -92,6 +105,8 @@ class ConvTracer(fx.Tracer):
             and its stage in a flat graph) instead of keeping it as a leaf.
         leaf_names: qualified names (relative to the traced module) of submodules to keep as
             leaves, e.g. children found to be untraceable on their own.
+        own_code_only: keep every submodule as a leaf, so that the graph holds only the traced
+            module's own code (how the rewrite traces a module whose forward calls ``F.conv2d``).
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class ConvTracer(fx.Tracer):
         autowrap_functions: Iterable[Callable[..., Any]] = (),
         trace_convnorm_convs: bool = False,
         leaf_names: Iterable[str] = (),
+        own_code_only: bool = False,
     ) -> None:
         timm_leaves, timm_functions = _timm_registry()
         super().__init__(autowrap_functions=tuple(timm_functions) + tuple(autowrap_functions))
@@ -107,9 +123,10 @@ class ConvTracer(fx.Tracer):
         self._timm_leaves = timm_leaves
         self._trace_convnorm_convs = trace_convnorm_convs
         self._leaf_names = frozenset(leaf_names)
+        self._own_code_only = own_code_only
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names:
+        if module_qualified_name in self._leaf_names or self._own_code_only:
             return True
         if isinstance(m, ConvNorm2d):
             return True
@@ -128,12 +145,18 @@ class ConvTracer(fx.Tracer):
             return not _calls_functional_conv(type(m))
         return super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict[str, Any]) -> Any:
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            # Trace the module's own code, not its hooks: hooks registered on it are the
+            # user's code for real tensors (a traced hook would be handed proxies, and would
+            # fire during the rewrite). They stay on the module and run when the model runs.
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
+
 
 @functools.lru_cache(maxsize=None)
 def _calls_functional_conv(cls: type) -> bool:
     """Whether a class's own forward source mentions a 2-D conv call (best effort)."""
-    import inspect
-
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
@@ -141,7 +164,22 @@ def _calls_functional_conv(cls: type) -> bool:
     return "conv2d" in source
 
 
-def trace(
+class TracedModule(NamedTuple):
+    """A graph of a module and the tensor constants its code refers to.
+
+    Attributes:
+        graph: the ``torch.fx`` graph; ``get_attr`` nodes name attributes of the module.
+        constants: tensors that the tracer met as constants (not parameters or buffers),
+            by the attribute name the graph reads them from (``_tensor_constant0`` ...). They
+            are not left on the module: a rewrite that runs the graph as the module's forward
+            sets them.
+    """
+
+    graph: fx.Graph
+    constants: dict[str, Any]
+
+
+def trace_module(
     module: nn.Module,
     *,
     leaf_modules: Iterable[type] = (),
@@ -149,14 +187,17 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     trace_convnorm_convs: bool = False,
     leaf_names: Iterable[str] = (),
-) -> fx.Graph:
-    """Trace ``module`` with :class:`ConvTracer` (arguments as in its constructor).
+    own_code_only: bool = False,
+) -> TracedModule:
+    """Trace ``module`` with :class:`ConvTracer` (arguments as in its constructor), leaving
+    the module as it was (mode and attributes).
 
     Raises:
         TracingFailed: with the original error chained and hints on how to help the tracer.
     """
-    tracer = ConvTracer(leaf_modules, autowrap_functions, trace_convnorm_convs, leaf_names)
+    tracer = ConvTracer(leaf_modules, autowrap_functions, trace_convnorm_convs, leaf_names, own_code_only)
     was_training = module.training
+    attributes = set(vars(module))
     try:
         graph = tracer.trace(module, concrete_args=concrete_args)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
@@ -167,4 +208,12 @@ def trace(
         ) from e
     finally:
         module.train(was_training)
-    return graph
+        added = {name: vars(module)[name] for name in set(vars(module)) - attributes}
+        for name in added:
+            delattr(module, name)
+    return TracedModule(graph, added)
+
+
+def trace(module: nn.Module, **options: Any) -> fx.Graph:
+    """The graph of :func:`trace_module` (same arguments)."""
+    return trace_module(module, **options).graph

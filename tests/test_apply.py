@@ -345,7 +345,7 @@ def test_float64_train_and_eval():
         assert model(x).dtype == torch.float64
 
 
-def test_top_level_functional_conv_returns_graph_module_with_warning():
+def test_top_level_functional_conv_keeps_the_model_class():
     class Top(nn.Module):
         def __init__(self):
             super().__init__()
@@ -354,12 +354,21 @@ def test_top_level_functional_conv_returns_graph_module_with_warning():
         def forward(self, x):
             return F.conv2d(x, self.weight, padding=1)
 
-    with pytest.warns(UserWarning, match="forward itself calls F.conv2d"):
-        model = apply(Top())
+        def describe(self):
+            return "top"
+
+    original = Top()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = apply(original)
+    assert isinstance(model, Top) and type(model).__name__ == "Top" and model.describe() == "top"
     assert rewrite_report(model).sites[0].action == "graph rewrite"
+    assert isinstance(model.convnorm, ConvNorm2d)
     x = torch.randn(1, 3, 8, 8)
     with bypass(model):
         torch.testing.assert_close(model(x), F.conv2d(x, model.weight, padding=1))
+    assert not torch.allclose(model(x), F.conv2d(x, model.weight, padding=1))
+    assert type(original) is Top and not hasattr(original, "convnorm")  # not inplace: the original is untouched
 
 
 class SqueezeExcite(nn.Module):
