@@ -10,8 +10,8 @@ own plan at a larger scale, ``reproduce_table6.py``):
   training split for 6 epochs (learning rate 0.1 divided by 10 after epochs 2 and 4, the
   paper's 1/3 and 2/3 points);
 * **ConvNorm without BatchNorm** - ``convnorm`` over the same 3 seeds with a linear lr
-  warm-up over the first 2 epochs (76 steps), and with the gradient taken through the
-  preconditioner (``--no-stop-gradient``);
+  warm-up over the first 2 epochs (76 steps), with lr 0.01, and with the gradient taken
+  through the preconditioner (``--no-stop-gradient``);
 * **Table 4** - SimBA (eps 0.4 in the [0, 1] pixel scale, clamped, up to 3072 iterations) on
   100 correctly classified test images of the seed-0 models: the paper's no-BN models
   (vanilla, convnorm, sn; convnorm also with the warm-up) and bn, convnorm_bn; then the no-BN
@@ -100,6 +100,8 @@ def plan(runs: Path, data: Path | None, threads: int, results: Path) -> list[Job
             training(f"main_{variant}_s{seed}", variant, seed, main_args)
     for seed in SEEDS:
         training(f"main_convnorm_warmup_s{seed}", "convnorm", seed, [*main_args, "--warmup-steps", str(WARMUP_STEPS)])
+    for seed in SEEDS:
+        training(f"main_convnorm_lr0.01_s{seed}", "convnorm", seed, [*main_args, "--lr", "0.01"])
     for model in ("main_vanilla_s0", "main_convnorm_s0", "main_sn_s0", "main_convnorm_warmup_s0", "main_bn_s0",
                   "main_convnorm_bn_s0"):  # fmt: skip
         attack(model, "pixel")

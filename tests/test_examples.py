@@ -231,7 +231,7 @@ def test_reproduce_plan_and_summary(tmp_path: Path, synthetic_npz: Path, capsys:
 
     assert reproduce_small.main(["--dry-run", "--runs", str(tmp_path / "runs")]) == 0
     commands = capsys.readouterr().out.splitlines()
-    assert sum("train_cifar.py" in c for c in commands) == 33 and sum("simba.py" in c for c in commands) == 9
+    assert sum("train_cifar.py" in c for c in commands) == 36 and sum("simba.py" in c for c in commands) == 9
     assert all("--space pixel" in c for c in commands if "simba.py" in c and "simba_pixel" in c)
     assert sum("--eval-test every" in c for c in commands) == 6  # the label-noise runs: max test accuracy
     for variant, seed in (("bn", 0), ("bn", 1), ("vanilla", 0)):
@@ -343,7 +343,7 @@ def test_torchrun_two_processes_stay_in_sync(synthetic_npz: Path, tmp_path: Path
 
 @pytest.mark.slow
 def test_gpu_quick_script_on_cpu(synthetic_npz: Path, tmp_path: Path) -> None:
-    """``gpu_quick.sh`` end to end at a tiny CPU setting (10 Python processes; ``-m slow``)."""
+    """``gpu_quick.sh`` end to end at a tiny CPU setting (13 Python processes; ``-m slow``)."""
     env = {**_env(), "PYTHON": sys.executable, "DATA": str(synthetic_npz), "RUNS": str(tmp_path), "EPOCHS": "2",
            "WIDTH": "0.0625", "SIMBA_IMAGES": "2", "SIMBA_ITERS": "5", "AMP": ""}  # fmt: skip
     result = subprocess.run(
@@ -352,4 +352,4 @@ def test_gpu_quick_script_on_cpu(synthetic_npz: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| setting | vanilla | bn | convnorm | convnorm_bn |" in text and "### SimBA pixel attack" in text
+    assert "| setting | vanilla | bn | convnorm | convnorm_bn | sn |" in text and "### SimBA pixel attack" in text
