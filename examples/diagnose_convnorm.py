@@ -18,6 +18,10 @@ and records at steps 0 (the initialization), 1, 2, 5, 10, 20, 50 and the last on
 * per residual block: the RMS of the sum ``branch + shortcut`` before the last ReLU and of the
   block output, and the fraction of block outputs that are zero;
 * the RMS of the logits;
+* how far one SGD step moves each site: the relative change of the weight,
+  ``|w' - w| / |w|``, and of the site's output on the same batch, ``rms(y' - y) / rms(y)``
+  (the output is recomputed after the step, in training mode, without gradients). A site
+  whose output moves much more than its weight is sensitive to the step;
 
 and at every step the loss, the batch accuracy, the learning rate and the global gradient
 norm. The output is one JSON file (``--out``).
@@ -102,6 +106,23 @@ class Probe:
                 store[name] = inputs[0].detach()
 
         return hook
+
+    def weights(self) -> dict[str, Tensor]:
+        """A copy of every site's conv weight (the parametrized one for ``sn``)."""
+        copies = {}
+        for name, module in self.sites.items():
+            conv = module.conv if isinstance(module, models.ConvBN) else module
+            copies[name] = conv.weight.detach().clone()
+        return copies
+
+    def step_sizes(self, weights: dict[str, Tensor], outputs: dict[str, Tensor], layers: list[dict[str, Any]]) -> None:
+        """Add the relative change of each site's weight and output since ``weights`` / ``outputs``."""
+        now = self.weights()
+        for layer in layers:
+            name = layer["name"]
+            layer["weight_step"] = float((now[name] - weights[name]).norm() / weights[name].norm())
+            before, after = outputs[name].detach(), self.outputs[name].detach()
+            layer["output_step"] = _rms(after - before) / max(_rms(before), 1e-12)
 
     def report(self, logits: Tensor) -> dict[str, Any]:
         """Measurements of the last forward/backward pass."""
@@ -195,11 +216,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "step": step, "lr": lr, "loss": float(loss.detach()), "acc": 100.0 * float((logits.argmax(1) == target).float().mean()),
                 "grad_norm": grad_norm,
             })  # fmt: skip
-            if probe.active:
+            recorded = probe.active
+            if recorded:
                 records.append({"step": step, **probe.report(logits)})
+                weights_before, outputs_before = probe.weights(), dict(probe.outputs)
+            optimizer.step()
+            if recorded:
+                with torch.no_grad():
+                    net(inputs)  # the same batch after the step
+                probe.step_sizes(weights_before, outputs_before, records[-1]["layers"])
                 probe.active = False
                 probe.outputs.clear()
-            optimizer.step()
             step += 1
             if step >= own.steps:
                 break
