@@ -284,7 +284,7 @@ def _check_freeze(geometry, options, dtype, tol):
 
 
 def test_freeze_whole_model_and_weight_standardized_sites():
-    """Module sites and functional sites (timm's StdConv2d, rewritten in a GraphModule) alike."""
+    """Module sites and functional sites (timm's StdConv2d, rewritten in its own forward) alike."""
     from timm.layers import StdConv2d
 
     class WeightStandardized(nn.Module):

@@ -51,6 +51,7 @@ BATCH = 2  # > 1 so that BatchNorm has more than one value per channel in train 
 # grow through every SE block and overflow in deep models (torchvision efficientnet_v2_l).
 NORMALIZED_BATCH = 4
 REL_TOL = 1e-4  # bypass: max |rewritten - original| / max |original|
+REL_TOL_FLOAT64 = 1e-9  # the same in float64, where train-mode bypass falls back (see below)
 REWRITTEN_ACTIONS = {"graph rewrite", "module swap"}
 REAPPLY_ACTIONS = {"already rewritten", "skipped", "not rewritten"}
 # Substrings of the state_dict keys that only the new ConvNorm stages own.
@@ -253,7 +254,19 @@ def _check_model(model_id: str, record: dict[str, Any]) -> None:
     with convnorm_fx.bypass(rewritten):
         got_train = _run(rewritten, x, train=True)
     record["bypass_rel_err_train"] = _rel_error(got_train, want_train)
-    assert record["bypass_rel_err_train"] <= REL_TOL
+    if record["bypass_rel_err_train"] > REL_TOL:
+        # Train-mode BatchNorm at batch 2 divides by tiny batch variances, which amplifies the
+        # round-off of a full conv + crop against the direct conv through deep nets (by 1e4 on
+        # AVX2 CPUs, whose conv kernels round differently from AVX-512 ones). A real
+        # difference (a wrong crop, weight or site) stays as large in float64; round-off drops
+        # by 1e9, so the check is repeated there.
+        model.double(), rewritten.double()
+        want_train = _run(model, x.double(), train=True)
+        with convnorm_fx.bypass(rewritten):
+            got_train = _run(rewritten, x.double(), train=True)
+        model.float(), rewritten.float()
+        record["bypass_rel_err_train_float64"] = _rel_error(got_train, want_train)
+        assert record["bypass_rel_err_train_float64"] <= REL_TOL_FLOAT64
 
     # (c) + (e) ConvNorm on: forward + backward in train mode give finite outputs and a
     # finite gradient to every executed learned conv weight; eval mode gives finite outputs.
