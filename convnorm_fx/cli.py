@@ -5,24 +5,37 @@
   training-step time ratio. With no model: a CIFAR ResNet-18 at 32x32.
 * ``convnorm-fx zoo``: rewrite many timm/torchvision models and tabulate coverage.
 
-Exit status 0 when every check passes; otherwise non-zero with a one-line reason on stderr.
+Exit status 0 when every check passes; 2 with a one-line reason on stderr for a bad input or
+a failed check (``--traceback`` shows where an unexpected error came from), 130 when
+interrupted.
+
+The command is often run on a shared or busy machine. OpenMP's default spin-waiting makes a
+2-thread op wait for a time slice of every other CPU-bound process there, so unless the user
+chose an ``OMP_WAIT_POLICY``, the command sets it to ``PASSIVE`` for its own process, before
+PyTorch loads OpenMP (``import convnorm_fx`` does not load PyTorch). ``--threads N`` sets
+PyTorch's thread count.
 """
 
 from __future__ import annotations
 
-import argparse
-import difflib
-import importlib
-import json
-import re
-import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Any, Callable, Sequence
+import os
 
-import torch
-from torch import nn
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import difflib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, NoReturn, Sequence  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 __all__ = ["main", "build_model"]
 
@@ -65,9 +78,7 @@ def build_model(name: str, source: str | None = None, num_classes: int | None = 
     from . import models
 
     if source and ":" in source:
-        module_name, _, attr = source.partition(":")
-        factory: Callable[..., nn.Module] = getattr(importlib.import_module(module_name), attr)
-        return factory(), (3, 32, 32)
+        return _model_from_factory(source), (3, 32, 32)
     if source in (None, "builtin") and name in ("cifar_resnet18", "cifar_vgg16"):
         return getattr(models, name)(), (3, 32, 32)
     if source in (None, "torchvision"):
@@ -88,6 +99,65 @@ def build_model(name: str, source: str | None = None, num_classes: int | None = 
             return model, (size[0], 64, 64) if size[1] > 64 else size
         raise _unknown(name, _timm_names() + _torchvision_names() + ["cifar_resnet18", "cifar_vgg16"], "timm/torchvision")
     raise CliError(f"--source must be timm, torchvision or module:callable, got {source!r}")
+
+
+def _model_from_factory(source: str) -> nn.Module:
+    """Call ``module:callable`` and check that it gives a model."""
+    module_name, _, attr = source.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"--source {source!r}: expected module:callable, e.g. mypackage.models:build")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise CliError(f"--source {source!r}: cannot import {module_name!r}: {type(e).__name__}: {_first_line(e)}") from e
+    factory: Callable[..., Any] | None = getattr(module, attr, None)
+    if not callable(factory):
+        what = "has no attribute" if factory is None else "has a non-callable"
+        raise CliError(f"--source {source!r}: module {module_name!r} {what} {attr!r}")
+    try:
+        model = factory()
+    except Exception as e:  # the user's factory
+        raise CliError(f"--source {source!r}: {attr}() raised {type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise CliError(f"--source {source!r}: {attr}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+    """A one-sample forward, so that a wrong ``--input-size`` fails now, in one line."""
+    if any(v < 1 for v in input_size):
+        raise CliError(f"--input-size must be three positive integers C H W, got {' '.join(map(str, input_size))}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    except Exception as e:  # a shape mismatch raises RuntimeError, ValueError, ...
+        raise CliError(
+            f"{type(model).__name__} does not take inputs of size {tuple(input_size)} (--input-size C H W): "
+            f"{type(e).__name__}: {_first_line(e)}"
+        ) from e
+    finally:
+        model.train(was_training)
+
+
+def _check_output_path(option: str, path: str | None) -> None:
+    """Fail before any work if ``path`` cannot be written."""
+    if path is None:
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise CliError(f"{option} {path!r} is a directory; give a file name")
+    if not folder.is_dir():
+        raise CliError(f"{option} {path!r}: the directory {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CliError(f"{option} {path!r}: the directory {str(folder)!r} is not writable")
 
 
 # --------------------------------------------------------------------------------------
@@ -157,12 +227,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     import convnorm_fx
     from .checks import check_sites
 
+    _check_output_path("--json", args.json)
+    _check_output_path("--plot", args.plot)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise CliError("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)") from e
     torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, input_size = build_model(args.model, args.source)
     if args.input_size:
         input_size = tuple(args.input_size)
+    _check_input_size(model, input_size)
     bn = {"auto": "auto", "on": True, "off": False}[args.bn]
     model.eval()
     start = time.perf_counter()
@@ -262,9 +338,17 @@ def _zoo_row(name: str, source: str, input_size: tuple[int, ...] | None) -> dict
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    names = _torchvision_names() if args.source == "torchvision" else _timm_names()
+    _check_output_path("--json", args.json)
+    pattern = None
     if args.filter:
-        pattern = re.compile(args.filter)
+        try:
+            pattern = re.compile(args.filter)
+        except re.error as e:
+            raise CliError(f"--filter {args.filter!r} is not a valid regular expression: {e}") from e
+    if args.input_size and any(v < 1 for v in args.input_size):
+        raise CliError(f"--input-size must be three positive integers C H W, got {' '.join(map(str, args.input_size))}")
+    names = _torchvision_names() if args.source == "torchvision" else _timm_names()
+    if pattern is not None:
         names = [n for n in names if pattern.search(n)]
     if args.limit:
         names = names[: args.limit]
@@ -312,17 +396,45 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convnorm-fx", description="Convolutional Normalization for any PyTorch ConvNet.")
-    sub = parser.add_subparsers(dest="command")
+    parser = _Parser(prog="convnorm-fx", description="Convolutional Normalization for any PyTorch ConvNet.")
+    parser.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback too")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     inspect = sub.add_parser("inspect", help="rewrite one model, check every site, show its spectra")
     inspect.add_argument("model", nargs="?", default=_DEFAULT_MODEL, help="model name (default: cifar_resnet18)")
     inspect.add_argument("--source", help="timm, torchvision or module:callable (default: search all)")
-    inspect.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"))
+    inspect.add_argument("--input-size", nargs=3, type=_integer, metavar=("C", "H", "W"))
     inspect.add_argument("--bn", choices=("auto", "on", "off"), default="auto")
-    inspect.add_argument("--batch-size", type=int, default=8, help="batch of the timing step (default 8)")
-    inspect.add_argument("--repeats", type=int, default=5, help="timed train steps per model; 0 skips timing")
-    inspect.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    inspect.add_argument("--batch-size", type=_positive, default=8, help="batch of the timing step (default 8)")
+    inspect.add_argument("--repeats", type=_non_negative, default=5, help="timed train steps per model; 0 skips timing")
     inspect.add_argument("--seed", type=int, default=0)
     inspect.add_argument("--json", metavar="PATH", help="write everything as JSON")
     inspect.add_argument("--plot", metavar="PATH", help="write a Figure-2-style PNG")
@@ -330,25 +442,48 @@ def _parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="coverage sweep over a model zoo")
     zoo.add_argument("--source", choices=("timm", "torchvision"), default="torchvision")
     zoo.add_argument("--filter", help="regex on model names")
-    zoo.add_argument("--limit", type=int, default=0)
-    zoo.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"))
+    zoo.add_argument("--limit", type=_non_negative, default=0)
+    zoo.add_argument("--input-size", nargs=3, type=_integer, metavar=("C", "H", "W"))
     zoo.add_argument("--json", metavar="PATH")
     zoo.add_argument("--quiet", action="store_true")
+    for command in (inspect, zoo):
+        command.add_argument("--threads", type=_non_negative, default=0, help="torch threads (default: torch's choice)")
+        command.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help="on an error, show the traceback too")
     return parser
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = _parser()
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first not in ("inspect", "zoo") and not any(a in ("-h", "--help") for a in argv):
+        argv = ["inspect", *argv]  # the default command
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["inspect", *(argv or [])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv
     try:
+        args = _parse(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         if args.command == "inspect":
             return _cmd_inspect(args)
         return _cmd_zoo(args)
     except CliError as e:
+        if show_traceback:
+            traceback.print_exc()
         print(f"convnorm-fx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convnorm-fx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything else: still one line, unless asked for the traceback
+        if show_traceback:
+            traceback.print_exc()
+        hint = "" if show_traceback else " (rerun with --traceback to see where)"
+        print(f"convnorm-fx: error: {type(e).__name__}: {_first_line(e)}{hint}", file=sys.stderr)
         return 2
 
 

@@ -22,12 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .modules import ConvNorm2d, adopt_conv_parameters
+from .modules import ConvNorm2d, adopt_conv_parameters, refuse_torchscript
 from .ops import IntOrPair
+from .validation import EVAL_SPECTRA, check_choice, check_real
 
-__all__ = ["ConvNormCondConv2d", "is_cond_conv2d"]
+__all__ = ["ConvNormCondConv2d", "cond_conv_forward", "is_cond_conv2d"]
 
-_EVAL_SPECTRA = ("cache", "running")
 
 
 @functools.lru_cache(maxsize=1)
@@ -155,10 +155,8 @@ class ConvNormCondConv2d(nn.Module):
 
         ``eval_spectrum`` and ``momentum`` are accepted and ignored: see the class docstring.
         """
-        eval_spectrum = stage_options.pop("eval_spectrum", "cache")
-        if eval_spectrum not in _EVAL_SPECTRA:
-            raise ValueError(f"eval_spectrum must be one of {_EVAL_SPECTRA}, got {eval_spectrum!r}")
-        stage_options.pop("momentum", None)  # no running spectrum: see the class docstring
+        check_choice("eval_spectrum", stage_options.pop("eval_spectrum", "cache"), EVAL_SPECTRA)
+        check_real("momentum", stage_options.pop("momentum", 0.1), low=0.0, high=1.0, allowed="a real number in [0, 1]")
         # With dynamic padding the padded input is the signal: the stage sees no zero padding.
         zero_padding = (0, 0) if cond_conv.dynamic_padding else cond_conv.padding
         weight = cond_conv.weight
@@ -178,6 +176,9 @@ class ConvNormCondConv2d(nn.Module):
         """Make ``stage`` this module's ConvNorm stage (``self.norm``); :func:`convnorm_fx.apply`
         turns a timm ``CondConv2d`` into a ``ConvNormCondConv2d`` in place with it."""
         self.norm = stage
+
+    def __prepare_scriptable__(self) -> "ConvNormCondConv2d":
+        refuse_torchscript(self)
 
     def reset_parameters(self) -> None:
         """``CondConv2d``'s initialization of every expert, and the stage's own reset."""
@@ -269,6 +270,9 @@ class ConvNormCondConv2d(nn.Module):
         return signal
 
     def forward(self, x: Tensor, routing_weights: Tensor) -> Tensor:
+        return cond_conv_forward(self, x, routing_weights)
+
+    def _forward_unwrapped(self, x: Tensor, routing_weights: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected an input (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
         b = x.shape[0]
@@ -311,3 +315,10 @@ class ConvNormCondConv2d(nn.Module):
         if checking:
             stage._require_finite("output", out)
         return out
+
+
+@torch.fx.wrap
+def cond_conv_forward(module: ConvNormCondConv2d, x: Tensor, routing_weights: Tensor) -> Tensor:
+    """``module(x, routing_weights)``, which every ``torch.fx`` tracer records as one call (the
+    grouped conv's groups depend on the batch size, which symbolic tracing cannot follow)."""
+    return module._forward_unwrapped(x, routing_weights)

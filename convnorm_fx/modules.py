@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,35 @@ from torch import Tensor, nn
 
 from . import ops
 from .ops import DEFAULT_EPS, IntOrPair, PaddingArg
+from .validation import AFFINE_INITS, EVAL_SPECTRA, check_bool, check_choice, check_real
 
-__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass"]
+__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass", "check_stage_options", "refuse_torchscript", "stage_forward"]
 
-_AFFINE_INITS = ("identity", "default")
-_EVAL_SPECTRA = ("cache", "running")
+
+
+def check_stage_options(
+    *,
+    affine: Any,
+    affine_init: Any,
+    bn: Any,
+    eps: Any,
+    stop_gradient: Any,
+    eval_spectrum: Any,
+    momentum: Any,
+    check_finite: Any,
+    algorithm: Any = "auto",
+) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the first option of a :class:`ConvNorm2d`
+    that has a wrong type or value."""
+    check_bool("affine", affine)
+    check_choice("affine_init", affine_init, AFFINE_INITS)
+    check_bool("bn", bn)
+    check_real("eps", eps, low=0.0, allowed="a finite real number >= 0 (0.0 is the exact operator)")
+    check_bool("stop_gradient", stop_gradient)
+    check_choice("eval_spectrum", eval_spectrum, EVAL_SPECTRA)
+    check_real("momentum", momentum, low=0.0, high=1.0, allowed="a real number in [0, 1]")
+    check_bool("check_finite", check_finite)
+    check_choice("algorithm", algorithm, ops.ALGORITHMS)
 
 
 def _is_compiling() -> bool:
@@ -61,6 +85,17 @@ class _SpectrumCache(NamedTuple):
     key: tuple[Any, ...]  # grid, weight shape, dtype and device, eps, dilation
     weight: Tensor  # a copy of the weight's values
     inv_sqrt: Tensor
+
+
+def refuse_torchscript(module: nn.Module) -> NoReturn:
+    """Raise the error ``torch.jit.script`` meets on a ConvNorm module (it calls each module's
+    ``__prepare_scriptable__`` before compiling anything, so nothing is left half-compiled)."""
+    raise NotImplementedError(
+        f"TorchScript is not supported: {type(module).__name__} (convnorm_fx) cannot be compiled by "
+        "torch.jit.script, which is deprecated in PyTorch 2.14. Use torch.compile(model) for speed, "
+        "torch.export.export(model, (example_input,)) for a graph, or "
+        "convnorm_fx.deploy.freeze(model, input_size) followed by torch.onnx.export for ONNX."
+    )
 
 
 def _cacheable(weight: Tensor) -> bool:
@@ -139,6 +174,9 @@ class ConvNorm2d(nn.Module):
 
     _version = 1
 
+    def __prepare_scriptable__(self) -> "ConvNorm2d":
+        refuse_torchscript(self)
+
     def __init__(
         self,
         num_channels: int,
@@ -163,16 +201,17 @@ class ConvNorm2d(nn.Module):
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
-        if affine_init not in _AFFINE_INITS:
-            raise ValueError(f"affine_init must be one of {_AFFINE_INITS}, got {affine_init!r}")
-        if eval_spectrum not in _EVAL_SPECTRA:
-            raise ValueError(f"eval_spectrum must be one of {_EVAL_SPECTRA}, got {eval_spectrum!r}")
-        if eps < 0 or not math.isfinite(eps):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-        if algorithm not in ops.ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ops.ALGORITHMS}, got {algorithm!r}")
+        check_stage_options(
+            affine=affine,
+            affine_init=affine_init,
+            bn=bn,
+            eps=eps,
+            stop_gradient=stop_gradient,
+            eval_spectrum=eval_spectrum,
+            momentum=momentum,
+            check_finite=check_finite,
+            algorithm=algorithm,
+        )
         factory = {"device": device, "dtype": dtype}
         self.num_channels = int(num_channels)
         self.kernel_size = ops._pair(kernel_size, "kernel_size")
@@ -370,6 +409,9 @@ class ConvNorm2d(nn.Module):
     # -- forward ---------------------------------------------------------------------
 
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return stage_forward(self, y, weight, bias)
+
+    def _forward_unwrapped(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         check_stage_arguments(self, weight, y)
         checking = self._checking()
         if checking:
@@ -447,6 +489,18 @@ class ConvNorm2d(nn.Module):
         return out
 
 
+@torch.fx.wrap
+def stage_forward(stage: ConvNorm2d, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``stage(y, weight, bias)``, which every ``torch.fx`` tracer records as one call.
+
+    The stage checks shapes and computes spectra whose sizes depend on the input, which
+    symbolic tracing cannot follow; as one call, a rewritten model traces with any tracer
+    (torchvision's and timm's feature extractors, ``torch.fx.symbolic_trace``), and the
+    traced model runs the stage exactly as the eager one.
+    """
+    return stage._forward_unwrapped(y, weight, bias)
+
+
 class ConvNormConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ConvNorm built in: a drop-in replacement.
 
@@ -467,6 +521,9 @@ class ConvNormConv2d(nn.Conv2d):
         >>> conv(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 16, 16, 16])
     """
+
+    def __prepare_scriptable__(self) -> "ConvNormConv2d":
+        refuse_torchscript(self)
 
     def __init__(
         self,

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import difflib
 import operator
 import re
 import sys
@@ -50,10 +51,11 @@ from torch.nn.utils import parametrize
 from . import report as rep
 from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
 from .derived import converted_class, forward_source, rewritten_forward_class
-from .modules import ConvNorm2d, ConvNormConv2d
+from .modules import ConvNorm2d, ConvNormConv2d, check_stage_options
 from .ops import DEFAULT_EPS
 from .report import ConvSite, RewriteReport
-from .tracing import CONV_FUNCTIONS, TracingFailed, is_plain_conv2d, trace, trace_module
+from .tracing import CONV_FUNCTIONS, TracingFailed, is_plain_conv2d, register_with_timm, trace, trace_module
+from .validation import check_bool, check_callables, check_choice, check_module_classes
 
 __all__ = ["ConvNormConfig", "RewriteError", "apply"]
 
@@ -87,10 +89,8 @@ class ConvNormConfig:
     check_finite: bool = False
 
     def __post_init__(self) -> None:
-        if self.bn not in _BN_POLICIES or not isinstance(self.bn, (str, bool)):
-            raise ValueError(f"bn must be 'auto', True or False, got {self.bn!r}")
-        # The stage validates the rest; build one to fail early with its message.
-        ConvNorm2d(1, 1, device="meta", **self.stage_options(False))
+        check_choice("bn", self.bn, _BN_POLICIES)
+        check_stage_options(**self.stage_options(False))
 
     def stage_options(self, bn: bool) -> dict[str, Any]:
         return {
@@ -651,25 +651,113 @@ def _deep_copy(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------
 
 
+_UNMATCHED_OVERRIDES = ("error", "warn", "ignore")
+
+
+@dataclass
+class _Override:
+    """One ``overrides`` entry: its key, the key as a regex, and the options (None: skip)."""
+
+    key: str
+    pattern: re.Pattern[str]
+    config: ConvNormConfig | None
+    matched: bool = False
+
+
+def _compile_overrides(overrides: Any, base: ConvNormConfig) -> list[_Override]:
+    """Validate ``overrides`` and turn each entry into an :class:`_Override`."""
+    if overrides is None:
+        return []
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a dict {{site name or regex: None, {{option: value}} or ConvNormConfig}}, got {overrides!r}")
+    compiled = []
+    fields = [f.name for f in dataclasses.fields(ConvNormConfig)]
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise TypeError(f"overrides keys must be site names or regexes (str), got {key!r}")
+        try:
+            pattern = re.compile(key)
+        except re.error as e:
+            raise ValueError(
+                f"overrides key {key!r} is not a valid regular expression ({e}); for a name with special "
+                "characters, use re.escape(name)"
+            ) from e
+        if value is None or isinstance(value, ConvNormConfig):
+            config = value
+        elif isinstance(value, Mapping):
+            unknown = [k for k in value if k not in fields]
+            if unknown:
+                close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"overrides[{key!r}] has unknown option {unknown[0]!r}{hint}; options: {', '.join(fields)}")
+            try:
+                config = dataclasses.replace(base, **dict(value))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"overrides[{key!r}]: {e}") from e
+        else:
+            raise TypeError(
+                f"overrides[{key!r}] must be None (leave the site as it is), a dict of options or a ConvNormConfig, "
+                f"got {value!r}"
+            )
+        compiled.append(_Override(key, pattern, config))
+    return compiled
+
+
+def _site_names(site: ConvSite) -> list[str]:
+    """The names an override can use for a site: its names and aliases, and for a function
+    site the names of the module that calls it."""
+    names = [site.name, *site.aliases]
+    return names + [n.partition("#")[0] for n in names if "#" in n]
+
+
+def _matching_override(site: ConvSite, overrides: list[_Override]) -> _Override | None:
+    """The override for ``site``: an exact name first, then the first full-match regex."""
+    names = _site_names(site)
+    for override in overrides:
+        if override.key in names:
+            return override
+    for override in overrides:
+        if any(override.pattern.fullmatch(name) for name in names):
+            return override
+    return None
+
+
+def _check_unmatched(overrides: list[_Override], sites: list[ConvSite], policy: str) -> None:
+    unmatched = [o.key for o in overrides if not o.matched]
+    if not unmatched or policy == "ignore":
+        return
+    names = sorted({name for site in sites for name in _site_names(site)})
+    close = difflib.get_close_matches(unmatched[0], names, n=5, cutoff=0.4)
+    message = (
+        f"overrides key {unmatched[0]!r} matches no conv site"
+        + (f" (nor do {unmatched[1:]!r})" if len(unmatched) > 1 else "")
+        + (f"; closest site names: {', '.join(close)}" if close else "")
+        + ". Site names are those of rewrite_report(model); pass unmatched_overrides='ignore' to allow keys that match nothing"
+    )
+    if policy == "error":
+        raise ValueError(message)
+    warnings.warn(message, stacklevel=3)
+
+
 def _select(
     planned: _Planned,
     base: ConvNormConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None,
-    overrides: Mapping[str, Any] | None,
+    overrides: list[_Override],
 ) -> ConvNormConfig | None:
     site = planned.site
+    names = _site_names(site)
+    for candidate in overrides:  # a key matches a site even where another key takes precedence
+        candidate.matched = candidate.matched or candidate.key in names or any(candidate.pattern.fullmatch(n) for n in names)
+    override = _matching_override(site, overrides)
     if filter_fn is not None and not filter_fn(planned.module, site.name):
         site.action, site.reason = rep.SKIPPED, "excluded by filter_fn"
         return None
-    if overrides:
-        module_name = site.name.partition("#")[0]
-        for pattern, value in overrides.items():
-            if pattern == site.name or pattern == module_name or re.fullmatch(pattern, site.name):
-                if value is None:
-                    site.action, site.reason = rep.SKIPPED, f"excluded by overrides[{pattern!r}]"
-                    return None
-                return dataclasses.replace(base, **dict(value))
-    return base
+    if override is None:
+        return base
+    if override.config is None:
+        site.action, site.reason = rep.SKIPPED, f"excluded by overrides[{override.key!r}]"
+    return override.config
 
 
 def _decide_bn(config: ConvNormConfig, planned: _Planned) -> bool:
@@ -729,7 +817,7 @@ def _prepare(
     planned_sites: list[_Planned],
     base: ConvNormConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None,
-    overrides: Mapping[str, Any] | None,
+    overrides: list[_Override],
     tracer_options: Mapping[str, Any],
 ) -> list[_Conversion | _ForwardRewrite]:
     """Choose each site's options and build every change; the model is not touched."""
@@ -891,7 +979,8 @@ def apply(
     momentum: float = 0.1,
     check_finite: bool = False,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    overrides: Mapping[str, Mapping[str, Any] | None] | None = None,
+    overrides: Mapping[str, Mapping[str, Any] | ConvNormConfig | None] | None = None,
+    unmatched_overrides: str = "error",
     inplace: bool = False,
     strict: bool = False,
     graph_module: bool = False,
@@ -916,9 +1005,17 @@ def apply(
             ``stage.check_finite`` on the :class:`~convnorm_fx.modules.ConvNorm2d` modules.
         filter_fn: ``filter_fn(module, name) -> bool``; ``False`` leaves that site as it is
             (reported as skipped). ``module`` is the conv, or the module calling ``F.conv2d``.
-        overrides: per-site options by exact name or full-match regex, checked in order:
-            ``{"conv1": None}`` skips the stem, ``{r"layer4\\..*": {"bn": False}}`` changes
-            options. Names are those of :func:`rewrite_report` (``name`` column).
+        overrides: per-site options, ``{key: None | {option: value} | ConvNormConfig}``:
+            ``{"conv1": None}`` leaves the stem as it is, ``{r"layer4\\..*": {"bn": False}}``
+            changes options (a dict is applied on top of the keyword options, a
+            ``ConvNormConfig`` replaces them). A key is a site's name (the ``name`` column of
+            :func:`rewrite_report`, one of its aliases, or the name of the module that calls
+            ``F.conv2d``) or a regex that must match a whole name. Precedence: a key equal to
+            one of the site's names wins; otherwise the first regex (in the dict's order)
+            that matches. Options are checked before anything changes.
+        unmatched_overrides: what a key that matches no conv site does: ``'error'``
+            (default: a ``ValueError`` listing the closest site names, since such a key is
+            most often a typo), ``'warn'`` or ``'ignore'``.
         inplace: modify ``model`` itself instead of a deep copy. Either way nothing changes
             if ``apply`` raises.
         strict: raise :class:`RewriteError` if any learned conv is not rewritten.
@@ -940,29 +1037,39 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply expects an nn.Module, got {type(model).__name__}")
-    base = ConvNormConfig(bn, affine, affine_init, eps, stop_gradient, eval_spectrum, momentum, check_finite)
+    register_with_timm()  # (timm may have been imported after convnorm_fx)
+    base = ConvNormConfig(
+        bn=bn,
+        affine=affine,
+        affine_init=affine_init,
+        eps=eps,
+        stop_gradient=stop_gradient,
+        eval_spectrum=eval_spectrum,
+        momentum=momentum,
+        check_finite=check_finite,
+    )
+    for name, flag in (("inplace", inplace), ("strict", strict), ("graph_module", graph_module)):
+        check_bool(name, flag)
     if filter_fn is not None and not callable(filter_fn):
-        raise TypeError("filter_fn must be a callable (module, name) -> bool")
-    if overrides is not None:
-        if not isinstance(overrides, Mapping):
-            raise TypeError("overrides must be a dict {name or regex: None or {option: value}}")
-        for pattern, value in overrides.items():
-            re.compile(pattern)
-            if value is not None:
-                dataclasses.replace(base, **dict(value))  # fail early on unknown or bad options
+        raise TypeError(f"filter_fn must be a callable (module, name) -> bool, got {filter_fn!r}")
+    compiled_overrides = _compile_overrides(overrides, base)
+    check_choice("unmatched_overrides", unmatched_overrides, _UNMATCHED_OVERRIDES)
+    if concrete_args is not None and not isinstance(concrete_args, Mapping):
+        raise TypeError(f"concrete_args must be a dict {{forward argument name: value}}, got {concrete_args!r}")
+    tracer_options = {
+        "leaf_modules": check_module_classes("leaf_modules", leaf_modules),
+        "autowrap_functions": check_callables("autowrap_functions", autowrap_functions),
+    }
     wrapped = isinstance(model, nn.DataParallel)
     _check_supported(model.module if wrapped else model)
     if not inplace:
         model = _deep_copy(model)
     target = model.module if wrapped else model
-    tracer_options = {
-        "leaf_modules": tuple(leaf_modules),
-        "autowrap_functions": tuple(autowrap_functions),
-    }
     planner = _Planner(target, {**tracer_options, "concrete_args": concrete_args})
     planned_sites = planner.run()
     report = planner.report
-    edits = _prepare(planned_sites, base, filter_fn, overrides, tracer_options)
+    edits = _prepare(planned_sites, base, filter_fn, compiled_overrides, tracer_options)
+    _check_unmatched(compiled_overrides, report.sites, unmatched_overrides)
 
     if not report.sites:
         warnings.warn(f"{type(target).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -38,11 +39,13 @@ from .cond_conv import ConvNormCondConv2d, is_cond_conv2d
 from .modules import ConvNorm2d, ConvNormConv2d
 
 __all__ = [
+    "CONVNORM_MODULES",
     "CONV_FUNCTIONS",
     "ConvTracer",
     "TracedModule",
     "TracingFailed",
     "is_plain_conv2d",
+    "register_with_timm",
     "trace",
     "trace_module",
 ]
@@ -164,6 +167,26 @@ def _calls_functional_conv(cls: type) -> bool:
     return "conv2d" in source
 
 
+#: The library's modules, for other tracers: leaves in timm's registry (and traceable by
+#: any tracer, their forward being one ``torch.fx.wrap``-ed call).
+CONVNORM_MODULES: tuple[type, ...] = (ConvNorm2d, ConvNormConv2d, ConvNormCondConv2d)
+
+
+def register_with_timm() -> None:
+    """Add the library's modules to timm's FX leaf registry, so that timm's feature
+    extraction (``features_only`` with ``feature_cls='fx'``, ``create_feature_extractor``)
+    keeps each as one node and runs it exactly as in eager mode.
+
+    Runs on import when timm is loaded, and at every :func:`convnorm_fx.apply`; adding a class
+    twice does nothing. Without it timm traces through them, which works too.
+    """
+    timm_layers = sys.modules.get("timm.layers")
+    register = getattr(timm_layers, "register_notrace_module", None)
+    if register is not None:
+        for cls in CONVNORM_MODULES:
+            register(cls)
+
+
 class TracedModule(NamedTuple):
     """A graph of a module and the tensor constants its code refers to.
 
@@ -217,3 +240,6 @@ def trace_module(
 def trace(module: nn.Module, **options: Any) -> fx.Graph:
     """The graph of :func:`trace_module` (same arguments)."""
     return trace_module(module, **options).graph
+
+
+register_with_timm()

@@ -28,3 +28,11 @@ def untraceable_conv_net() -> nn.Module:
             return nn.functional.conv2d(x, self.weight, padding=1)
 
     return nn.Sequential(Hidden(), nn.Flatten())
+
+
+def raising_factory() -> nn.Module:
+    raise RuntimeError("broken on purpose")
+
+
+def not_a_model() -> list:
+    return [nn.Conv2d(3, 3, 3)]
