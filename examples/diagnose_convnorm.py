@@ -18,6 +18,11 @@ and records at steps 0 (the initialization), 1, 2, 5, 10, 20, 50 and the last on
 * per residual block: the RMS of the sum ``branch + shortcut`` before the last ReLU and of the
   block output, and the fraction of block outputs that are zero;
 * the RMS of the logits;
+* per conv site, the largest and the median over output channels of the channel condition
+  number of the conv weight, ``sqrt((max S_k + eps) / (min S_k + eps))`` with ``S_k`` the
+  kernel's power spectrum summed over input channels on the site's FFT grid: the spread of
+  the gains ConvNorm applies across frequencies (a 3x3 kernel with few input channels, like
+  the stem's, can have near-zeros in ``S_k``, which ConvNorm amplifies up to ``eps ** -0.5``);
 * how far one SGD step moves each site: the relative change of the weight,
   ``|w' - w| / |w|``, and of the site's output on the same batch, ``rms(y' - y) / rms(y)``
   (the output is recomputed after the step, in training mode, without gradients). A site
@@ -47,6 +52,7 @@ from torch import Tensor, nn
 from torch.utils.data.distributed import DistributedSampler
 
 import common
+import convnorm_fx
 import models
 import train_cifar
 
@@ -73,6 +79,26 @@ def _norm(x: Tensor | None) -> float | None:
     return None if x is None else float(x.detach().norm())
 
 
+def channel_condition(weight: Tensor, size: tuple[int, int], eps: float = convnorm_fx.DEFAULT_EPS) -> tuple[float, float]:
+    """Largest and median channel condition number of a conv weight on the ConvNorm grid of an input size.
+
+    Args:
+        weight: ``(C_out, C_in, k_h, k_w)``.
+        size: the conv's input ``(H, W)``; the grid is ``(H + k_h - 1, W + k_w - 1)`` (stride 1, dilation 1).
+        eps: added to the power spectrum, as ConvNorm does.
+
+    Returns:
+        ``(max, median)`` over output channels of ``sqrt((max S_k + eps) / (min S_k + eps))``.
+    """
+    k_h, k_w = weight.shape[-2:]
+    if (k_h, k_w) == (1, 1):
+        return 1.0, 1.0
+    grid = (size[0] + k_h - 1, size[1] + k_w - 1)
+    power = torch.fft.rfft2(weight.detach().double(), s=grid).abs().pow(2).sum(1).flatten(1)  # (C_out, bins)
+    cond = ((power.max(1).values + eps) / (power.min(1).values + eps)).sqrt()
+    return float(cond.max()), float(cond.median())
+
+
 class Probe:
     """Forward hooks that keep what one step needs (the model's ReLUs must not be in place)."""
 
@@ -82,11 +108,13 @@ class Probe:
         self.sites = {n: m for n, m in self.sites.items() if not n.endswith(".conv") or n[:-5] not in self.sites}
         self.blocks = {name: m for name, m in model.named_modules() if isinstance(m, models.BasicBlock)}
         self.outputs: dict[str, Tensor] = {}
+        self.input_sizes: dict[str, tuple[int, int]] = {}
         self.sums: dict[str, Tensor] = {}
         self.block_out: dict[str, Tensor] = {}
         self.active = False
         for name, module in self.sites.items():
             module.register_forward_hook(self._keep(self.outputs, name, retain=True))
+            module.register_forward_pre_hook(self._size(name))
         for name, block in self.blocks.items():
             block.relu2.register_forward_pre_hook(self._keep_input(self.sums, name))
             block.register_forward_hook(self._keep(self.block_out, name, retain=False))
@@ -97,6 +125,12 @@ class Probe:
                 if retain and output.requires_grad:
                     output.retain_grad()
                 store[name] = output
+
+        return hook
+
+    def _size(self, name: str):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            self.input_sizes[name] = tuple(inputs[0].shape[-2:])
 
         return hook
 
@@ -137,6 +171,7 @@ class Probe:
                 cos = float((grad * weight).sum() / (grad.norm() * weight.norm()))
             stage = getattr(conv, "norm", None)
             output = self.outputs.get(name)
+            cond_max, cond_median = channel_condition(conv.weight, self.input_sizes[name])
             layers.append({
                 "name": name,
                 "act_rms": None if output is None else _rms(output),
@@ -144,6 +179,8 @@ class Probe:
                 "weight_norm": _norm(weight),
                 "weight_grad_norm": _norm(grad),
                 "radial_cos": cos,
+                "cond_max": cond_max,
+                "cond_median": cond_median,
                 "bias_grad_norm": _norm(None if conv.bias is None else conv.bias.grad),
                 "affine_weight_grad_norm": _norm(getattr(getattr(stage, "affine_weight", None), "grad", None)),
                 "affine_bias_grad_norm": _norm(getattr(getattr(stage, "affine_bias", None), "grad", None)),
