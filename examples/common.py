@@ -304,12 +304,24 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+_LIBRARY_STATE: dict[str, Any] | None = None
+
+
 def library_state() -> dict[str, Any]:
     """Which ``convnorm_fx`` source a run used: the repository commit, and a hash of the package files.
 
     The hash covers every ``.py`` file of the imported package, so runs made while the library
-    had uncommitted changes can still be told apart.
+    had uncommitted changes can still be told apart. It is computed at the first call and then
+    reused: the scripts call this at the start of ``main``, right after importing the library,
+    so that later edits of the files do not change what the run records.
     """
+    global _LIBRARY_STATE
+    if _LIBRARY_STATE is None:
+        _LIBRARY_STATE = _read_library_state()
+    return dict(_LIBRARY_STATE)
+
+
+def _read_library_state() -> dict[str, Any]:
     import convnorm_fx
 
     package = Path(convnorm_fx.__file__).resolve().parent

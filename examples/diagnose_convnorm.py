@@ -201,6 +201,7 @@ class Probe:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the probe; returns the process exit status."""
     own, args = parse_args(argv)
+    common.library_state()  # the library as imported, before anyone edits it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")

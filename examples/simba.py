@@ -173,6 +173,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Attack a checkpoint; returns the process exit status."""
     args = parse_args(argv)
+    common.library_state()  # the library as imported, before anyone edits it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -368,6 +368,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one training; returns the process exit status."""
     args = parse_args(argv)
+    common.library_state()  # the library as imported, before anyone edits it
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rank, world, device = _init_distributed(args)
