@@ -459,6 +459,11 @@ def table6_block(folder: Path, plot: bool = True) -> str:
         if span is not None:
             lines[-1] += f" The plan's jobs ran over {span / 60:.0f} min of wall-clock time, in one or more sittings."
 
+    hashes = {r.get("machine", {}).get("convnorm_fx_sha256") for _, r in runs} - {None}
+    if len(hashes) > 1:
+        lines[-1] += (f" The library was edited while the plan ran: the runs recorded {len(hashes)} different "
+                      "`convnorm_fx` source hashes (`machine.convnorm_fx_sha256` in each metrics.json).")  # fmt: skip
+
     a, b = test_accs("convnorm_bn"), test_accs("bn")
     paper_diff = PAPER_TABLE6_10PCT["convnorm_bn"][0] - PAPER_TABLE6_10PCT["bn"][0]
     lines += ["", "#### ConvNorm+BN - BN (test accuracy at the best-validation epoch, percentage points)", ""]
