@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as common  # noqa: E402
 from benchmarks.naive_convnorm import use_naive  # noqa: E402
-from convnorm_fx import ConvNormConv2d, ops  # noqa: E402
+from convnorm_fx import ConvNormConv2d, dft, ops, pipeline, spectral  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -151,24 +151,24 @@ def _breakdown(
             pieces["fft normalize"] = lambda: ops.normalize_circular(y, inv)
             pieces["crop/stride"] = lambda: ops.crop_and_downsample(z, k, s, pads, d)
             affine_w, affine_b = stage.affine_weight, stage.affine_bias
-            pieces["affine"] = lambda: ops._affine_crop_downsample(z, k, s, pads, d, affine_w, affine_b)
-            plan = ops._spectral_plan(x, x.shape[-2:], k, s, pads, d, site.groups, stage.affine_weight, x.dtype)
+            pieces["affine"] = lambda: pipeline.affine_crop_downsample(z, k, s, pads, d, affine_w, affine_b)
+            plan = spectral.spectral_plan(x, x.shape[-2:], k, s, pads, d, site.groups, stage.affine_weight, x.dtype)
             if plan is not None:
                 cplx = torch.complex128 if x.dtype == torch.float64 else torch.complex64
                 compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-                rows_in, cols_in = ops._input_samples(plan.rows), ops._input_samples(plan.cols)
-                rows_out, cols_out = ops._kept_samples(plan.rows), ops._kept_samples(plan.cols)
-                kernel = ops._kernel_dft(weight, plan, cplx)
+                rows_in, cols_in = spectral.input_samples(plan.rows), spectral.input_samples(plan.cols)
+                rows_out, cols_out = spectral.kept_samples(plan.rows), spectral.kept_samples(plan.cols)
+                kernel = spectral.kernel_dft(weight, plan, cplx)
                 kernel4 = kernel.view(plan.frequencies, site.groups, site.c_out // site.groups, -1)
-                spectrum = ops._to_spectrum(x.to(compute), plan, rows_in, cols_in, -1)
-                u = ops._grouped_matmul(spectrum, kernel4, site.groups)
-                pieces["sp: kernel dft"] = lambda: ops._kernel_dft(weight, plan, cplx)
-                pieces["sp: input dft"] = lambda: ops._to_spectrum(x.to(compute), plan, rows_in, cols_in, -1)
-                pieces["sp: products"] = lambda: ops._grouped_matmul(spectrum, kernel4, site.groups)
-                pieces["sp: inverse"] = lambda: ops._from_spectrum(u, plan, rows_out, cols_out, 1)
+                spectrum = dft.to_spectrum(x.to(compute), plan.grid, rows_in, cols_in, -1)
+                u = spectral.grouped_matmul(spectrum, kernel4, site.groups)
+                pieces["sp: kernel dft"] = lambda: spectral.kernel_dft(weight, plan, cplx)
+                pieces["sp: input dft"] = lambda: dft.to_spectrum(x.to(compute), plan.grid, rows_in, cols_in, -1)
+                pieces["sp: products"] = lambda: spectral.grouped_matmul(spectrum, kernel4, site.groups)
+                pieces["sp: inverse"] = lambda: dft.from_spectrum(u, plan.grid, rows_out, cols_out, 1)
         else:
             affine_w, affine_b = stage.affine_weight, stage.affine_bias
-            pieces["scale"] = lambda: ops._scale_1x1(y, weight, stage.eps, True, affine_w, affine_b, inv)
+            pieces["scale"] = lambda: pipeline.scale_1x1(y, weight, stage.eps, True, affine_w, affine_b, inv)
         times = common.time_interleaved(pieces, repeats, warmup, device)
     return {name: common.median_ms(t) for name, t in times.items()}
 

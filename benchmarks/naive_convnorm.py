@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from convnorm_fx import ops
+from convnorm_fx.geometry import pair
 from convnorm_fx.modules import ConvNormConv2d
 
 __all__ = ["naive_conv_norm2d", "naive_forward", "use_naive"]
@@ -56,7 +57,7 @@ def naive_conv_norm2d(
         ``(N, C_out, H_out, W_out)``, as the original conv.
     """
     kh, kw = weight.shape[-2:]
-    dh, dw = ops._pair(dilation, "dilation")
+    dh, dw = pair(dilation, "dilation")
     full = ops.full_padding((kh, kw), (dh, dw))
     y = F.conv2d(x, weight, None, 1, full, (dh, dw), groups)  # (N, C_out, M_h, M_w)
     mh, mw = y.shape[-2:]

@@ -41,14 +41,33 @@ _EXPORTS = {
     "ConvSite": "report",
     "RewriteReport": "report",
     "rewrite_report": "report",
-    "ConvNormConfig": "rewrite",
+    "ConvNormConfig": "config",
     "RewriteError": "rewrite",
     "apply": "rewrite",
     "ConvTracer": "tracing",
     "TracingFailed": "tracing",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "DEFAULT_EPS",
+    "ConvNorm2d",
+    "ConvNormCondConv2d",
+    "ConvNormConfig",
+    "ConvNormConv2d",
+    "ConvSite",
+    "ConvTracer",
+    "RewriteError",
+    "RewriteReport",
+    "SpectralReport",
+    "SpectralRow",
+    "TracingFailed",
+    "__version__",
+    "apply",
+    "bypass",
+    "conv_norm2d",
+    "rewrite_report",
+    "spectral_report",
+]
 
 if TYPE_CHECKING:
     from .analysis import SpectralReport, SpectralRow, spectral_report
@@ -56,14 +75,16 @@ if TYPE_CHECKING:
     from .modules import ConvNorm2d, ConvNormConv2d, bypass
     from .ops import DEFAULT_EPS, conv_norm2d
     from .report import ConvSite, RewriteReport, rewrite_report
-    from .rewrite import ConvNormConfig, RewriteError, apply
+    from .config import ConvNormConfig
+    from .rewrite import RewriteError, apply
     from .tracing import ConvTracer, TracingFailed
 
 
 _SUBMODULES = frozenset(
     {
-        "analysis", "checks", "cli", "cond_conv", "deploy", "derived", "models", "modules", "ops", "report",
-        "rewrite", "tracing", "validation",
+        "analysis", "checks", "cli", "cond_conv", "config", "cost", "deploy", "derived", "dft", "geometry",
+        "graph_facts", "models", "modules", "ops", "overrides", "pipeline", "planner", "precision", "report",
+        "rewrite", "sites", "spectral", "spectrum", "tracing", "transaction", "validation",
     }
 )  # fmt: skip
 

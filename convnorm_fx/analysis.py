@@ -52,8 +52,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .dft import phase
+from .geometry import IntOrPair, pair
 from .modules import ConvNorm2d
-from .ops import IntOrPair
 
 __all__ = [
     "SpectralReport",
@@ -118,10 +119,10 @@ def _check_grid(grid: Sequence[int], weight: Tensor, dilation: tuple[int, int]) 
 
 
 def _check_dilation(dilation: IntOrPair) -> tuple[int, int]:
-    pair = ops._pair(dilation, "dilation")
-    if min(pair) < 1:
+    dilation_hw = pair(dilation, "dilation")
+    if min(dilation_hw) < 1:
         raise ValueError(f"dilation must be >= 1, got {dilation!r}")
-    return pair
+    return dilation_hw
 
 
 def _check_groups(groups: int, weight: Tensor) -> int:
@@ -157,16 +158,8 @@ def _prepare(
 
 
 def _tap_phases(size: int, n_freq: int, taps: int, step: int, complex_dtype: torch.dtype, device: Any) -> Tensor:
-    """``exp(-2 pi i w t step / size)`` for frequencies ``w < n_freq`` and taps ``t < taps``.
-
-    The integer phase is reduced modulo ``size`` before scaling, so large grids keep full
-    precision.
-    """
-    freqs = torch.arange(n_freq, device=device, dtype=torch.int64)
-    lags = torch.arange(taps, device=device, dtype=torch.int64) * step
-    real = torch.float64 if complex_dtype == torch.complex128 else torch.float32
-    phase = torch.remainder(freqs[:, None] * lags[None, :], size).to(real) * (-2 * math.pi / size)
-    return torch.polar(torch.ones_like(phase), phase)  # (n_freq, taps)
+    """``exp(-2 pi i w t step / size)`` for frequencies ``w < n_freq`` and taps ``t < taps``: ``(n_freq, taps)``."""
+    return phase(n_freq, size, tuple(t * step for t in range(taps)), complex_dtype, device, -1)
 
 
 def _kernel_dft_chunks(

@@ -14,6 +14,7 @@ kernel its own spectrum, which is exactly ConvNorm applied to each sample's conv
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -22,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .config import ConvNormConfig, stage_config
 from .modules import ConvNorm2d, adopt_conv_parameters, refuse_torchscript
-from .ops import IntOrPair
-from .validation import EVAL_SPECTRA, check_choice, check_real
+from .geometry import IntOrPair, pair
 
 __all__ = ["ConvNormCondConv2d", "cond_conv_forward", "is_cond_conv2d"]
 
@@ -88,9 +89,8 @@ class ConvNormCondConv2d(nn.Module):
         dynamic_padding: pad each input with timm's TF "same" padding (``CondConv2d``'s
             ``dynamic_padding``); the padded input is then the signal.
         device, dtype: factory arguments.
-        **stage_options: ConvNorm options of :class:`~convnorm_fx.modules.ConvNorm2d`
-            (``affine``, ``affine_init``, ``bn``, ``eps``, ``stop_gradient``, ``algorithm``,
-            ``check_finite``, ``eval_spectrum``, ``momentum``).
+        config, **options: the stage's options, as for :class:`~convnorm_fx.modules.ConvNorm2d`
+            (``eval_spectrum`` and ``momentum`` have no effect here).
 
     Shape:
         - x: ``(B, C_in, H, W)``
@@ -119,7 +119,9 @@ class ConvNormCondConv2d(nn.Module):
         dynamic_padding: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
-        **stage_options: Any,
+        *,
+        config: ConvNormConfig | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
@@ -131,10 +133,10 @@ class ConvNormCondConv2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
-        self.kernel_size = ops._pair(kernel_size, "kernel_size")
-        self.stride = ops._pair(stride, "stride")
-        self.padding = ops._pair(padding, "padding")
-        self.dilation = ops._pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.padding = pair(padding, "padding")
+        self.dilation = pair(dilation, "dilation")
         self.groups = int(groups)
         self.num_experts = int(num_experts)
         self.dynamic_padding = bool(dynamic_padding)
@@ -145,18 +147,18 @@ class ConvNormCondConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.num_experts, self.out_channels, **factory))
         else:
             self.register_parameter("bias", None)
-        self.install_stage(self.stage_for(self, **stage_options))
+        self.install_stage(self.stage_for(self, config, **options))
         self.reset_parameters()
 
     @staticmethod
-    def stage_for(cond_conv: nn.Module, **stage_options: Any) -> ConvNorm2d:
+    def stage_for(cond_conv: nn.Module, config: ConvNormConfig | None = None, **options: Any) -> ConvNorm2d:
         """The :class:`~convnorm_fx.modules.ConvNorm2d` stage (options and parameters) for
         a ``CondConv2d``'s geometry, next to its weight.
 
         ``eval_spectrum`` and ``momentum`` are accepted and ignored: see the class docstring.
         """
-        check_choice("eval_spectrum", stage_options.pop("eval_spectrum", "cache"), EVAL_SPECTRA)
-        check_real("momentum", stage_options.pop("momentum", 0.1), low=0.0, high=1.0, allowed="a real number in [0, 1]")
+        # No cache and no running average: every sample has its own kernel.
+        config = dataclasses.replace(stage_config(config, **options), eval_spectrum="cache")
         # With dynamic padding the padded input is the signal: the stage sees no zero padding.
         zero_padding = (0, 0) if cond_conv.dynamic_padding else cond_conv.padding
         weight = cond_conv.weight
@@ -169,7 +171,7 @@ class ConvNormCondConv2d(nn.Module):
             groups=cond_conv.groups,
             device=weight.device,
             dtype=weight.dtype,
-            **stage_options,
+            config=config,
         )
 
     def install_stage(self, stage: ConvNorm2d) -> None:
@@ -191,13 +193,13 @@ class ConvNormCondConv2d(nn.Module):
         self.norm.reset_parameters()
 
     @classmethod
-    def from_cond_conv(cls, cond_conv: nn.Module, **stage_options: Any) -> "ConvNormCondConv2d":
+    def from_cond_conv(cls, cond_conv: nn.Module, config: ConvNormConfig | None = None, **options: Any) -> "ConvNormCondConv2d":
         """Wrap a timm ``CondConv2d``, reusing its ``weight`` and ``bias`` Parameters.
 
         Args:
             cond_conv: a ``timm.layers.CondConv2d`` (subclasses that change its forward are
                 rejected).
-            **stage_options: ConvNorm options, as for the constructor.
+            config, **options: the stage's options, as for the constructor.
         """
         if isinstance(cond_conv, ConvNormCondConv2d):
             raise TypeError("this CondConv already has ConvNorm; apply it once")
@@ -219,7 +221,8 @@ class ConvNormCondConv2d(nn.Module):
             cond_conv.dynamic_padding,
             device="meta",
             dtype=weight.dtype,
-            **stage_options,
+            config=config,
+            **options,
         )
         return adopt_conv_parameters(new, cond_conv)
 
@@ -285,10 +288,10 @@ class ConvNormCondConv2d(nn.Module):
         normalize = not stage.bypassed
         weight, bias = self.mixed_kernels(routing_weights)  # (B C_out, C_in / g, k_h, k_w), (B C_out,)
         signal = self.grouped_signal(x)  # (1, B C_in, H', W')
-        checking = stage._checking()
+        checking = stage.checking_finite()
         if checking:
-            stage._require_finite("weight", weight)
-            stage._require_finite("input", signal)
+            stage.require_finite("weight", weight)
+            stage.require_finite("input", signal)
         affine_weight = affine_bias = None
         if normalize and stage.affine_weight is not None:
             # The same r_k for every sample: repeat it over the B sample blocks.
@@ -307,13 +310,13 @@ class ConvNormCondConv2d(nn.Module):
             affine_weight=affine_weight,
             affine_bias=affine_bias,
             normalize=normalize,
-            algorithm=getattr(stage, "algorithm", "auto"),
+            algorithm=stage.algorithm,
         )  # (1, B C_out, H_out, W_out)
         out = out.reshape(b, self.out_channels, out.shape[-2], out.shape[-1])
         if stage.bn is not None and normalize:
             out = stage.bn(out)
         if checking:
-            stage._require_finite("output", out)
+            stage.require_finite("output", out)
         return out
 
 

@@ -28,25 +28,24 @@ full-conv output: cheap for CIFAR-sized feature maps, costly for stems at 224 x 
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .dft import hermitian_weights, phase
 from .modules import ConvNorm2d, check_stage_arguments
+from .pipeline import finish_stage
+from .precision import complex_dtype, compute_dtype
 
 __all__ = ["FrozenConvNorm2d", "freeze"]
 
 
 def _dft_matrices(size: int, count: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``cos`` and ``sin`` of ``2 pi u t / size`` for ``count`` frequencies ``u`` and all ``t``."""
-    u = torch.arange(count, dtype=torch.float64, device=device)
-    t = torch.arange(size, dtype=torch.float64, device=device)
-    # Reduce the integer phase modulo size first so that large products keep full precision.
-    phase = torch.remainder(u[:, None] * t[None, :], size) * (2 * math.pi / size)  # (count, size)
-    return torch.cos(phase).to(dtype), torch.sin(phase).to(dtype)
+    """``cos`` and ``sin`` of ``2 pi u t / size`` for ``count`` frequencies ``u`` and all ``t``: ``(count, size)``."""
+    table = phase(count, size, tuple(range(size)), complex_dtype(dtype), device)
+    return table.real.to(dtype), table.imag.to(dtype)
 
 
 class FrozenConvNorm2d(nn.Module):
@@ -100,7 +99,7 @@ class FrozenConvNorm2d(nn.Module):
         with torch.no_grad():
             inv_sqrt = stage.spectrum(weight.detach(), self.grid)  # (C, M_h, M_w // 2 + 1)
         stage.train(was_training)
-        compute = ops._compute_dtype(weight.dtype)
+        compute = compute_dtype(weight.dtype)
         self.register_buffer("spectrum", inv_sqrt.detach().to(compute).clone())
         if self.kernel_size != (1, 1):
             mh, mw = self.grid
@@ -109,11 +108,7 @@ class FrozenConvNorm2d(nn.Module):
             cos_w, sin_w = _dft_matrices(mw, half, compute, weight.device)  # (M_w//2+1, M_w)
             # The inverse rFFT along w counts every frequency but DC and Nyquist twice, and
             # both inverse transforms divide by their size: fold both into the matrices.
-            counts = torch.full((half, 1), 2.0, dtype=torch.float64, device=weight.device)
-            counts[0] = 1.0
-            if mw % 2 == 0:
-                counts[-1] = 1.0
-            scale = (counts / (mh * mw)).to(compute)  # (M_w//2+1, 1)
+            scale = (hermitian_weights(mw, weight.device)[:, None] / (mh * mw)).to(compute)  # (M_w//2+1, 1)
             self.register_buffer("cos_h", cos_h, persistent=False)
             self.register_buffer("sin_h", sin_h, persistent=False)
             self.register_buffer("cos_w", cos_w, persistent=False)
@@ -175,18 +170,9 @@ class FrozenConvNorm2d(nn.Module):
                     f"this stage was frozen for a conv output of spatial size {self.grid}, got {tuple(y.shape[-2:])}; "
                     "freeze the model again for this input size"
                 )
-            if self.normalize:
-                y = self._filter(y)
-            if self.normalize and self.affine_weight is not None:
-                out = ops._affine_crop_downsample(
-                    y, self.kernel_size, self.stride, self.padding, self.dilation, self.affine_weight, self.affine_bias
-                )
-            else:
-                out = ops.crop_and_downsample(y, self.kernel_size, self.stride, self.padding, self.dilation)
-                if self.normalize and self.affine_bias is not None:
-                    out = out + self.affine_bias.to(out.dtype).reshape(1, -1, 1, 1)
-            if bias is not None:
-                out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
+            affine = (self.affine_weight, self.affine_bias) if self.normalize else (None, None)
+            z = self._filter(y) if self.normalize else y
+            out = finish_stage(z, self.kernel_size, self.stride, self.padding, self.dilation, bias, *affine)
         if self.bn is not None and self.normalize:
             out = self.bn(out)
         return out

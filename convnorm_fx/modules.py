@@ -20,41 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
-from .ops import DEFAULT_EPS, IntOrPair, PaddingArg
-from .validation import AFFINE_INITS, EVAL_SPECTRA, check_bool, check_choice, check_real
+from .geometry import IntOrPair, PaddingArg, pair
+from .precision import autocast_disabled, compute_dtype, spectrum_dtype
+from .config import ConvNormConfig, stage_config
 
-__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass", "check_stage_options", "refuse_torchscript", "stage_forward"]
+__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass", "check_stage_arguments", "refuse_torchscript", "stage_forward"]
 
-
-
-def check_stage_options(
-    *,
-    affine: Any,
-    affine_init: Any,
-    bn: Any,
-    eps: Any,
-    stop_gradient: Any,
-    eval_spectrum: Any,
-    momentum: Any,
-    check_finite: Any,
-    algorithm: Any = "auto",
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first option of a :class:`ConvNorm2d`
-    that has a wrong type or value."""
-    check_bool("affine", affine)
-    check_choice("affine_init", affine_init, AFFINE_INITS)
-    check_bool("bn", bn)
-    check_real("eps", eps, low=0.0, allowed="a finite real number >= 0 (0.0 is the exact operator)")
-    check_bool("stop_gradient", stop_gradient)
-    check_choice("eval_spectrum", eval_spectrum, EVAL_SPECTRA)
-    check_real("momentum", momentum, low=0.0, high=1.0, allowed="a real number in [0, 1]")
-    check_bool("check_finite", check_finite)
-    check_choice("algorithm", algorithm, ops.ALGORITHMS)
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -135,29 +106,36 @@ class ConvNorm2d(nn.Module):
             is its zero padding (int, pair, ``'same'``, ``'valid'``, or an explicit
             ``(top, bottom, left, right)``); for other padding modes, pad the input first
             and pass ``padding=0``.
-        affine: learn the per-channel depthwise affine transform ``r_k`` (§3.3), a
-            ``k_h x k_w`` kernel with bias and "same" output size.
-        affine_init: ``'identity'`` (default: a centred delta and zero bias, so the stage
-            starts as pure ConvNorm) or ``'default'`` (PyTorch's conv init, as the paper's
-            code does).
-        bn: append a ``BatchNorm2d`` after the stage.
-        eps: added to the kernel power spectrum; bounds the gain by ``eps ** -0.5``.
-        stop_gradient: treat the preconditioner as a constant in backward (§3.3).
-        eval_spectrum: ``'cache'`` (default) computes the spectrum of the current weight and
-            reuses it in eval mode while the weight's *values* and the input size are
-            unchanged (see :meth:`spectrum`; never saved in ``state_dict``). ``'running'`` keeps
-            an exponential running average of the kernel autocorrelation (a buffer of
-            ``(2 k_h - 1) x (2 k_w - 1)`` lags per channel) during training and uses it in eval
-            mode; it is valid at any input size.
-        momentum: running-average momentum for ``eval_spectrum='running'``.
-        check_finite: check the weight, the input and the output of every call and raise
-            ``FloatingPointError`` naming the site (:attr:`site_name`) at the first NaN or
-            Inf. Costs one reduction per tensor (and a device sync on GPU); skipped while
-            ``torch.compile`` or ``torch.export`` traces the model. Off by default.
-        algorithm: how :meth:`forward_from_input` computes the site: ``'auto'`` (default,
-            the cheaper by :func:`convnorm_fx.ops.select_algorithm`), ``'direct'`` or
-            ``'spectral'`` (see :func:`convnorm_fx.ops.conv_norm2d`). ``forward`` itself
-            always receives the full conv output and runs directly.
+        config: the stage's options (:class:`~convnorm_fx.config.ConvNormConfig`; default
+            :data:`~convnorm_fx.config.STAGE_DEFAULTS`, which has no BatchNorm). ``bn`` must be
+            ``True`` or ``False`` here (``'auto'`` is for :func:`convnorm_fx.apply`).
+        **options: options that replace those of ``config`` (``eps=1e-3``, ...), as fields of
+            :class:`~convnorm_fx.config.ConvNormConfig`:
+
+            * ``affine``: learn the per-channel depthwise affine transform ``r_k`` (§3.3), a
+              ``k_h x k_w`` kernel with bias and "same" output size;
+            * ``affine_init``: ``'identity'`` (default: a centred delta and zero bias, so the
+              stage starts as pure ConvNorm) or ``'default'`` (PyTorch's conv init, as the
+              paper's code does);
+            * ``bn``: append a ``BatchNorm2d`` after the stage;
+            * ``eps``: added to the kernel power spectrum; bounds the gain by ``eps ** -0.5``;
+            * ``stop_gradient``: treat the preconditioner as a constant in backward (§3.3);
+            * ``eval_spectrum``: ``'cache'`` (default) computes the spectrum of the current
+              weight and reuses it in eval mode while the weight's *values* and the input size
+              are unchanged (see :meth:`spectrum`; never saved in ``state_dict``).
+              ``'running'`` keeps an exponential running average of the kernel
+              autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per channel)
+              during training and uses it in eval mode; it is valid at any input size;
+            * ``momentum``: running-average momentum for ``eval_spectrum='running'``;
+            * ``check_finite``: check the weight, the input and the output of every call and
+              raise ``FloatingPointError`` naming the site (:attr:`site_name`) at the first
+              NaN or Inf. Costs one reduction per tensor (and a device sync on GPU); skipped
+              while ``torch.compile`` or ``torch.export`` traces the model. Off by default;
+              it can be toggled later (``stage.check_finite = True``);
+            * ``algorithm``: how :meth:`forward_from_input` computes the site: ``'auto'``
+              (default, the cheaper by :func:`convnorm_fx.cost.select_algorithm`), ``'direct'``
+              or ``'spectral'`` (see :func:`convnorm_fx.ops.conv_norm2d`). ``forward`` itself
+              always receives the full conv output and runs directly.
 
     Shape:
         - y: ``(N, C, M_h, M_w)`` with ``M = H + d (k - 1)`` (1x1 kernels: ``(N, C, H_out, W_out)``)
@@ -186,37 +164,20 @@ class ConvNorm2d(nn.Module):
         dilation: IntOrPair = 1,
         *,
         groups: int = 1,
-        affine: bool = True,
-        affine_init: str = "identity",
-        bn: bool = False,
-        eps: float = DEFAULT_EPS,
-        stop_gradient: bool = True,
-        eval_spectrum: str = "cache",
-        momentum: float = 0.1,
-        check_finite: bool = False,
-        algorithm: str = "auto",
+        config: ConvNormConfig | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
         if num_channels < 1:
             raise ValueError(f"num_channels must be >= 1, got {num_channels}")
-        check_stage_options(
-            affine=affine,
-            affine_init=affine_init,
-            bn=bn,
-            eps=eps,
-            stop_gradient=stop_gradient,
-            eval_spectrum=eval_spectrum,
-            momentum=momentum,
-            check_finite=check_finite,
-            algorithm=algorithm,
-        )
+        config = stage_config(config, **options)
         factory = {"device": device, "dtype": dtype}
         self.num_channels = int(num_channels)
-        self.kernel_size = ops._pair(kernel_size, "kernel_size")
-        self.stride = ops._pair(stride, "stride")
-        self.dilation = ops._pair(dilation, "dilation")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        self.stride = pair(stride, "stride")
+        self.dilation = pair(dilation, "dilation")
         if groups < 1 or num_channels % groups != 0:
             raise ValueError(f"groups={groups} must be >= 1 and divide num_channels={num_channels}")
         self.groups = int(groups)
@@ -227,32 +188,47 @@ class ConvNorm2d(nn.Module):
                 raise ValueError("padding='same' is not supported for strided convolutions; pass explicit padding")
             self.padding = ops.explicit_padding(padding, self.kernel_size, self.dilation)
         ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)  # validates 1x1 padding
-        self.affine_init = affine_init
-        self.eps = float(eps)
-        self.stop_gradient = bool(stop_gradient)
-        self.eval_spectrum = eval_spectrum
-        self.momentum = float(momentum)
-        self.algorithm = algorithm
-        self.check_finite = bool(check_finite)
+        self.affine_init = config.affine_init
+        self.eps = config.eps
+        self.stop_gradient = config.stop_gradient
+        self.eval_spectrum = config.eval_spectrum
+        self.momentum = config.momentum
+        self.algorithm = config.algorithm
+        self.check_finite = config.check_finite
         #: Name of the conv site this stage normalizes, used in error messages (set by
         #: :func:`convnorm_fx.apply`).
         self.site_name = ""
         #: When True the stage is the identity preconditioner: no P_k, no affine, no BN.
         self.bypassed = False
-        if affine:
+        if config.affine:
             self.affine_weight = nn.Parameter(torch.empty(num_channels, 1, *self.kernel_size, **factory))
             self.affine_bias = nn.Parameter(torch.empty(num_channels, **factory))
         else:
             self.register_parameter("affine_weight", None)
             self.register_parameter("affine_bias", None)
-        if eval_spectrum == "running":
+        if config.eval_spectrum == "running":
             lags = (2 * self.kernel_size[0] - 1, 2 * self.kernel_size[1] - 1)
             self.register_buffer("running_autocorrelation", torch.empty(num_channels, *lags, **factory))
         else:
             self.register_buffer("running_autocorrelation", None)
-        self.bn = nn.BatchNorm2d(num_channels, **factory) if bn else None
+        self.bn = nn.BatchNorm2d(num_channels, **factory) if config.bn else None
         self._spectrum_cache: _SpectrumCache | None = None
         self.reset_parameters()
+
+    @property
+    def config(self) -> ConvNormConfig:
+        """The stage's options as they are now (validated)."""
+        return ConvNormConfig(
+            bn=self.bn is not None,
+            affine=self.affine_weight is not None,
+            affine_init=self.affine_init,
+            eps=self.eps,
+            stop_gradient=self.stop_gradient,
+            eval_spectrum=self.eval_spectrum,
+            momentum=self.momentum,
+            check_finite=self.check_finite,
+            algorithm=self.algorithm,
+        )
 
     # -- parameters and state --------------------------------------------------------
 
@@ -295,9 +271,9 @@ class ConvNorm2d(nn.Module):
             parts.append("stop_gradient=False")
         if self.eval_spectrum != "cache":
             parts.append(f"eval_spectrum={self.eval_spectrum!r}")
-        if getattr(self, "algorithm", "auto") != "auto":
+        if self.algorithm != "auto":
             parts.append(f"algorithm={self.algorithm!r}")
-        if getattr(self, "check_finite", False):
+        if self.check_finite:
             parts.append("check_finite=True")
         return ", ".join(parts)
 
@@ -334,13 +310,13 @@ class ConvNorm2d(nn.Module):
 
     def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
         lags = self.running_autocorrelation
-        with ops._autocast_disabled(lags.device):
-            power = ops.power_spectrum_from_autocorrelation(lags.to(ops._spectrum_dtype(lags.device)), grid, self.dilation)
-            return ops.inverse_sqrt_spectrum(power, self.eps).to(ops._compute_dtype(lags.dtype))
+        with autocast_disabled(lags.device):
+            power = ops.power_spectrum_from_autocorrelation(lags.to(spectrum_dtype(lags.device)), grid, self.dilation)
+            return ops.inverse_sqrt_spectrum(power, self.eps).to(compute_dtype(lags.dtype))
 
     @torch.no_grad()
     def _update_running(self, weight: Tensor) -> None:
-        current = ops.kernel_autocorrelation(weight.detach().to(ops._spectrum_dtype(weight.device)))
+        current = ops.kernel_autocorrelation(weight.detach().to(spectrum_dtype(weight.device)))
         self.running_autocorrelation.lerp_(current.to(self.running_autocorrelation.dtype), self.momentum)
 
     def spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -371,7 +347,7 @@ class ConvNorm2d(nn.Module):
         if self.running_autocorrelation is not None:
             return self._running_spectrum(grid)
         needs_graph = not self.stop_gradient and torch.is_grad_enabled() and weight.requires_grad
-        if needs_graph or _is_compiling() or not _cacheable(weight):
+        if needs_graph or torch.compiler.is_compiling() or not _cacheable(weight):
             return self._fresh_spectrum(weight, grid)
         key = (grid, tuple(weight.shape), weight.dtype, weight.device, self.eps, self.dilation)
         cache = self._spectrum_cache
@@ -385,10 +361,12 @@ class ConvNorm2d(nn.Module):
 
     # -- finiteness checks ------------------------------------------------------------
 
-    def _checking(self) -> bool:
-        return getattr(self, "check_finite", False) and not _is_compiling()
+    def checking_finite(self) -> bool:
+        """Whether this call checks for NaN/Inf: ``check_finite`` is on and nothing is compiling."""
+        return self.check_finite and not torch.compiler.is_compiling()
 
-    def _require_finite(self, role: str, tensor: Tensor | None) -> None:
+    def require_finite(self, role: str, tensor: Tensor | None) -> None:
+        """Raise ``FloatingPointError`` naming this site if ``tensor`` (the site's ``role``) has NaN/Inf."""
         if tensor is None or not isinstance(tensor, Tensor) or tensor.device.type == "meta":
             return
         if bool(torch.isfinite(tensor).all()):
@@ -413,10 +391,10 @@ class ConvNorm2d(nn.Module):
 
     def _forward_unwrapped(self, y: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         check_stage_arguments(self, weight, y)
-        checking = self._checking()
+        checking = self.checking_finite()
         if checking:
-            self._require_finite("weight", weight)
-            self._require_finite("conv output", y)
+            self.require_finite("weight", weight)
+            self.require_finite("conv output", y)
         normalize = not self.bypassed
         inv_sqrt = self.spectrum(weight, self._spectrum_grid(y)) if normalize else None
         out = ops.conv_norm_stage(
@@ -436,7 +414,7 @@ class ConvNorm2d(nn.Module):
         if self.bn is not None and normalize:
             out = self.bn(out)
         if checking:
-            self._require_finite("output", out)
+            self.require_finite("output", out)
         return out
 
     def forward_from_input(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -459,15 +437,15 @@ class ConvNorm2d(nn.Module):
             y = F.conv2d(x, weight, None, self.feeding_stride, self.feeding_padding, self.dilation, self.groups)
             return self(y, weight, bias)
         check_stage_arguments(self, weight)
-        checking = self._checking()
+        checking = self.checking_finite()
         if checking:
-            self._require_finite("weight", weight)
-            self._require_finite("input", x)
+            self.require_finite("weight", weight)
+            self.require_finite("input", x)
         if self.kernel_size == (1, 1):
             grid = (1, 1)
         else:
             grid = ops.grid_size(x.shape[-2:], self.kernel_size, self.dilation)
-        out = ops._conv_norm_from_input(
+        out = ops.conv_norm_from_input(
             x,
             weight,
             bias,
@@ -480,12 +458,12 @@ class ConvNorm2d(nn.Module):
             self.affine_weight,
             self.affine_bias,
             self.spectrum(weight, grid),
-            getattr(self, "algorithm", "auto"),
+            self.algorithm,
         )
         if self.bn is not None:
             out = self.bn(out)
         if checking:
-            self._require_finite("output", out)
+            self.require_finite("output", out)
         return out
 
 
@@ -505,7 +483,7 @@ class ConvNormConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ConvNorm built in: a drop-in replacement.
 
     The constructor takes ``nn.Conv2d``'s arguments plus the ConvNorm options of
-    :class:`ConvNorm2d`; ``weight`` and ``bias`` keep their names, so ``nn.Conv2d``
+    :class:`ConvNorm2d` (``config=``, or options such as ``eps=1e-3``); ``weight`` and ``bias`` keep their names, so ``nn.Conv2d``
     checkpoints load (the stage's affine and BN parameters are then reported missing).
     The forward pass is: pad (non-zero padding modes) -> conv feeding the stage (the full
     conv, or the strided conv for 1x1) -> :class:`ConvNorm2d` (``self.norm``), run as one
@@ -539,40 +517,22 @@ class ConvNormConv2d(nn.Conv2d):
         device: Any = None,
         dtype: torch.dtype | None = None,
         *,
-        affine: bool = True,
-        affine_init: str = "identity",
-        bn: bool = False,
-        eps: float = DEFAULT_EPS,
-        stop_gradient: bool = True,
-        eval_spectrum: str = "cache",
-        momentum: float = 0.1,
-        check_finite: bool = False,
-        algorithm: str = "auto",
+        config: ConvNormConfig | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, device, dtype
         )
-        options = {
-            "affine": affine,
-            "affine_init": affine_init,
-            "bn": bn,
-            "eps": eps,
-            "stop_gradient": stop_gradient,
-            "eval_spectrum": eval_spectrum,
-            "momentum": momentum,
-            "check_finite": check_finite,
-            "algorithm": algorithm,
-        }
-        self.install_stage(self.stage_for(self, **options))
+        self.install_stage(self.stage_for(self, config, **options))
 
     @staticmethod
-    def stage_for(conv: nn.Conv2d, **options: Any) -> ConvNorm2d:
+    def stage_for(conv: nn.Conv2d, config: ConvNormConfig | None = None, **options: Any) -> ConvNorm2d:
         """The :class:`ConvNorm2d` stage for ``conv``'s geometry, next to its weight.
 
         Args:
             conv: an ``nn.Conv2d`` (its weight may be a Parameter or a tensor that a
                 reparametrization hook computes, such as ``torch.nn.utils.weight_norm``'s).
-            **options: ConvNorm options of :class:`ConvNorm2d`.
+            config, **options: the stage's options, as for :class:`ConvNorm2d`.
         """
         mode_padding = ops.explicit_padding(conv.padding, conv.kernel_size, conv.dilation)
         zero_padding = mode_padding if conv.padding_mode == "zeros" else (0, 0, 0, 0)
@@ -584,6 +544,7 @@ class ConvNormConv2d(nn.Conv2d):
             zero_padding,
             conv.dilation,
             groups=conv.groups,
+            config=config,
             device=weight.device,
             dtype=weight.dtype,
             **options,
@@ -600,7 +561,7 @@ class ConvNormConv2d(nn.Conv2d):
         self.norm = stage
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **options: Any) -> "ConvNormConv2d":
+    def from_conv(cls, conv: nn.Conv2d, config: ConvNormConfig | None = None, **options: Any) -> "ConvNormConv2d":
         """A new ``ConvNormConv2d`` that shares ``conv``'s ``weight`` and ``bias`` Parameters.
 
         Args:
@@ -608,7 +569,7 @@ class ConvNormConv2d(nn.Conv2d):
                 weight-standardized or dynamically padded convs, and parametrized convs are
                 rejected: rewrite them with :func:`convnorm_fx.apply`, which keeps their
                 semantics).
-            **options: ConvNorm options of :class:`ConvNormConv2d`.
+            config, **options: the stage's options, as for :class:`ConvNorm2d`.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
@@ -638,6 +599,7 @@ class ConvNormConv2d(nn.Conv2d):
             conv.padding_mode,
             device="meta",
             dtype=weight.dtype,
+            config=config,
             **options,
         )
         return adopt_conv_parameters(new, conv)

@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import collections
+import enum
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
 
-__all__ = ["ConvSite", "RewriteReport", "rewrite_report"]
+__all__ = ["REPORT_ATTRIBUTE", "ConvSite", "RewriteReport", "SiteAction", "rewrite_report"]
 
-#: Actions a site can get.
-GRAPH_REWRITE = "graph rewrite"
-MODULE_SWAP = "module swap"
-SKIPPED = "skipped"
-ALREADY = "already rewritten"
-OUT_OF_SCOPE = "not rewritten"
+class SiteAction(str, enum.Enum):
+    """What :func:`convnorm_fx.apply` did to a conv site (a ``str``: compares equal to its value)."""
+
+    #: Found in a traced graph and rewritten.
+    GRAPH_REWRITE = "graph rewrite"
+    #: Found by walking modules where tracing failed (or not called by forward), and
+    #: converted in place into an equivalent ConvNorm module.
+    MODULE_SWAP = "module swap"
+    #: Left as it is, with the reason.
+    SKIPPED = "skipped"
+    #: Already a ConvNorm site (a second ``apply``).
+    ALREADY = "already rewritten"
+    #: Not a 2-D conv (1-D, 3-D, transposed): out of scope.
+    OUT_OF_SCOPE = "not rewritten"
+
+    def __str__(self) -> str:
+        return self.value
+
+    # Equal to its value as a str, so it must hash as one (dict lookups by the plain string).
+    __hash__ = str.__hash__
+
+
+GRAPH_REWRITE, MODULE_SWAP, SKIPPED, ALREADY, OUT_OF_SCOPE = SiteAction
 
 #: Attribute of a rewritten model that holds its :class:`RewriteReport`.
 REPORT_ATTRIBUTE = "_convnorm_report"
@@ -52,7 +70,7 @@ class ConvSite:
     name: str
     kind: str
     conv_class: str
-    action: str
+    action: SiteAction
     reason: str
     kernel_size: tuple[int, ...] | None = None
     stride: tuple[int, ...] | None = None
@@ -112,7 +130,7 @@ class RewriteReport:
         return [s for s in self.sites if s.action == SKIPPED]
 
     def counts(self) -> dict[str, int]:
-        return dict(collections.Counter(s.action for s in self.sites))
+        return dict(collections.Counter(str(s.action) for s in self.sites))
 
     def summary(self) -> str:
         """One line: how many sites, how many rewritten and how, how many skipped and why."""

@@ -14,6 +14,7 @@ from torch import nn
 
 __all__ = [
     "AFFINE_INITS",
+    "ALGORITHMS",
     "EVAL_SPECTRA",
     "check_bool",
     "check_callables",
@@ -27,6 +28,12 @@ __all__ = [
 AFFINE_INITS = ("identity", "default")
 #: Values of ``eval_spectrum``: a cache of the current weight's spectrum, or a running average.
 EVAL_SPECTRA = ("cache", "running")
+#: How a site is computed. ``'direct'``: the full conv, then the stage (FFT normalization,
+#: affine depthwise conv, crop, stride). ``'spectral'``: one transform of the input, a
+#: per-frequency ``C_out x C_in`` product with the normalized kernel spectrum, one inverse
+#: transform of the kept output samples. ``'auto'``: the cheaper by a cost model
+#: (:func:`convnorm_fx.cost.select_algorithm`).
+ALGORITHMS = ("auto", "direct", "spectral")
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -50,10 +57,14 @@ def check_real(
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """``value`` if it is one of ``choices`` (compared by type too: ``1`` is not ``True``)."""
-    if not any(type(value) is type(choice) and value == choice for choice in choices):
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
+    """``value`` if it is one of ``choices``, compared by type too (``1`` is not ``True``): a
+    value of none of the choices' types is a ``TypeError``, another value a ``ValueError``."""
+    if any(type(value) is type(choice) and value == choice for choice in choices):
+        return value
+    allowed = ", ".join(map(repr, choices))
+    if not any(type(value) is type(choice) for choice in choices):
+        raise TypeError(f"{name} must be one of {allowed}; got {value!r} ({type(value).__name__})")
+    raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 def check_module_classes(name: str, value: Any) -> tuple[type, ...]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -12,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import convnorm_fx
 from convnorm_fx import ConvNorm2d, ConvNormConv2d, RewriteError, apply, bypass, rewrite_report
 
 

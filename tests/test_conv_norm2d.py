@@ -152,7 +152,8 @@ def test_1xk_and_kx1_take_the_general_path(kernel, monkeypatch):
     def _forbidden(*args, **kwargs):
         raise AssertionError("1x1 fast path taken for a non-1x1 kernel")
 
-    monkeypatch.setattr(ops, "_scale_1x1", _forbidden)
+    monkeypatch.setattr(ops, "scale_1x1", _forbidden)  # the stage's 1x1 path
+    monkeypatch.setattr(ops, "scale_1x1_factor", _forbidden)  # the site's 1x1 weight folding
     x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
     w = torch.randn(4, 3, *kernel, dtype=torch.float64)
     out = conv_norm2d(x, w, padding=(kernel[0] // 2, kernel[1] // 2))

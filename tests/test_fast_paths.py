@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from convnorm_fx import ConvNormConv2d, conv_norm2d, ops
+from convnorm_fx import ConvNormConv2d, conv_norm2d, dft, ops, pipeline, spectral, spectrum
 from helpers import assert_close_scaled
 from strategies import conv_geometries, seeds
 
@@ -34,6 +34,31 @@ from benchmarks.naive_convnorm import naive_conv_norm2d  # noqa: E402
 
 #: Small geometries: gradients of a float64 reference are taken for every draw.
 geometries = conv_geometries(max_kernel=5, max_stride=3, max_dilation=2, max_channels=3, max_groups=2, max_extra_size=5)
+
+
+def _spy(monkeypatch, module, name):
+    """Count the calls of ``module.name`` (a route's own function), so that a test can check
+    that the route it forces is the one taken: a patch without effect then fails the test."""
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs))
+    return calls
+
+
+def _force_routes(monkeypatch, route, kernel_route):
+    """Force signal transforms by DFT matrices or FFTs, and kernels to the grid by phase
+    tables or FFTs; return the spies that show which ran."""
+    monkeypatch.setattr(dft, "DFT_MAX_GRID", 64 if route == "dft" else 0)
+    monkeypatch.setattr(spectral, "KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
+    monkeypatch.setattr(spectral, "KERNEL_FFT_MIN_TAPS", 0)
+    return _spy(monkeypatch, dft, "half_forward_table"), _spy(monkeypatch, spectral, "_tap_table")
+
+
+def _assert_routes(spies, route, kernel_route, kernels_used=True):
+    dft_calls, table_calls = spies
+    assert bool(dft_calls) == (route == "dft"), f"signal transforms did not take the {route} route"
+    if kernels_used:
+        assert bool(table_calls) == (kernel_route == "table"), f"kernels did not take the {kernel_route} route"
 
 
 def _signal_and_pads(geometry, x):
@@ -53,7 +78,7 @@ def _reference(geometry, x, w, b, affine_w, affine_b, eps=1e-5):
     z = ops.normalize_circular(y, inv)
     if affine_w is not None:
         k, s, d = geometry.kernel, geometry.stride, geometry.dilation
-        out = ops._affine_crop_downsample(z, k, s, pads, d, affine_w, affine_b)
+        out = pipeline.affine_crop_downsample(z, k, s, pads, d, affine_w, affine_b)
     else:
         out = ops.crop_and_downsample(z, geometry.kernel, geometry.stride, pads, geometry.dilation)
         if affine_b is not None:
@@ -90,7 +115,7 @@ def _assert_same(fast, reference, tol=1e-10, grad_tol=1e-10):
 
 def _spectral_applies(geometry, x, w, affine_w) -> bool:
     signal, pads = _signal_and_pads(geometry, x)
-    plan = ops._resolve_algorithm(
+    plan = ops.resolve_algorithm(
         "spectral", signal, w, geometry.stride, pads, geometry.dilation, geometry.groups, affine_w, True
     )
     return plan is not None
@@ -120,17 +145,20 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
     """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm,
     with signals transformed by DFT matrices or FFTs, and kernels (forward) and their gradients
     (backward) by phase tables or FFTs."""
-    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
-    monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
-    monkeypatch.setattr(ops, "_KERNEL_FFT_MIN_TAPS", 0)
+    spies = _force_routes(monkeypatch, route, kernel_route)
     _check_spectral_site(geometry, seed, with_affine)
+    _assert_routes(spies, route, kernel_route)
 
 
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
 def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
     """Building the kernel spectrum in blocks of output channels changes nothing."""
-    monkeypatch.setattr(ops, "_KERNEL_BLOCK_BYTES", 1)  # one output channel per block
+    monkeypatch.setattr(spectral, "KERNEL_BLOCK_BYTES", 1)  # one output channel per block
+    blocks = []
+    original = spectral._channel_blocks
+    monkeypatch.setattr(spectral, "_channel_blocks", lambda *a: blocks.append(original(*a)) or blocks[-1])
     _check_spectral_site(geometry, seed, with_affine=True)
+    assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
 
 
 @pytest.mark.parametrize("kernel_route", ["table", "kernel-fft"])
@@ -138,9 +166,7 @@ def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
 @given(geometry=geometries, seed=seeds, with_affine=st.booleans())
 def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kernel_route, monkeypatch):
     """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused)."""
-    monkeypatch.setattr(ops, "_DFT_MAX_GRID", 64 if route == "dft" else 0)
-    monkeypatch.setattr(ops, "_KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
-    monkeypatch.setattr(ops, "_KERNEL_FFT_MIN_TAPS", 0)
+    spies = _force_routes(monkeypatch, route, kernel_route)
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     _, pads = _signal_and_pads(geometry, x)
@@ -155,7 +181,19 @@ def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kerne
 
     leaves = [x, w, b, affine_w, affine_b]
     reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
+    for spy in spies:
+        spy.clear()
     _assert_same(_values_and_grads(fast, leaves, seed), reference)
+    if geometry.kernel != (1, 1) and _stage_is_fused(geometry, x, affine_w):
+        # The fused stage transforms the conv output; kernels go to the grid only for the affine kernel.
+        _assert_routes(spies, route, kernel_route, kernels_used=affine_w is not None)
+
+
+def _stage_is_fused(geometry, x, affine_w) -> bool:
+    signal, pads = _signal_and_pads(geometry, x)
+    return spectral.spectral_plan(
+        signal, signal.shape[-2:], geometry.kernel, geometry.stride, pads, geometry.dilation, 1, affine_w, x.dtype
+    ) is not None
 
 
 @given(geometry=conv_geometries(max_kernel=1), seed=seeds, stop_gradient=st.booleans())
@@ -173,7 +211,7 @@ def test_1x1_weight_folding_equals_reference(geometry, seed, stop_gradient):
     def reference(x, w, b, affine_w, affine_b):
         signal, pads = _signal_and_pads(geometry, x)
         y = F.conv2d(signal, w, None, geometry.stride, (pads[0], pads[2]), geometry.dilation, geometry.groups)
-        out = ops._scale_1x1(y, w, 1e-5, stop_gradient, affine_w, affine_b, None)
+        out = pipeline.scale_1x1(y, w, 1e-5, stop_gradient, affine_w, affine_b, None)
         return out if b is None else out + b.reshape(1, -1, 1, 1)
 
     leaves = [x, w, b, affine_w, affine_b]
@@ -187,11 +225,13 @@ def test_1x1_weight_folding_equals_reference(geometry, seed, stop_gradient):
 def test_gram_autocorrelation_equals_grouped_conv(geometry, seed, route, monkeypatch):
     """``kernel_autocorrelation`` (Gram matrices of the taps, or FFTs on the (2k-1)-grid for
     large kernels) == its definition as a grouped conv."""
-    monkeypatch.setattr(ops, "_AUTOCORRELATION_FFT_TAPS", 10**9 if route == "gram" else 0)
+    monkeypatch.setattr(spectrum, "AUTOCORRELATION_FFT_TAPS", 10**9 if route == "gram" else 0)
+    calls = _spy(monkeypatch, spectrum, f"autocorrelation_by_{route}")
     _, w, _ = geometry.tensors(seed)
     c_out, c_in, kh, kw = w.shape
     definition = F.conv2d(w.reshape(1, c_out * c_in, kh, kw), w, padding=(kh - 1, kw - 1), groups=c_out)[0]
     assert_close_scaled(ops.kernel_autocorrelation(w), definition)
+    assert calls, f"the {route} route was not taken"
 
 
 @pytest.mark.parametrize("algorithm", ["direct", "spectral"])

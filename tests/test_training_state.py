@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
 import convnorm_fx
 from convnorm_fx import ConvNorm2d, ConvNormConv2d, apply, bypass, conv_norm2d, rewrite_report
+from convnorm_fx import planner as planner_module
 from convnorm_fx import rewrite as rewrite_module
+from convnorm_fx import sites as sites_module
 
 TOL = 1e-10  # float64 throughout
 
@@ -494,10 +496,10 @@ def _fail_on_call(monkeypatch, owner, name, n):
 
 # Each stage of apply, and where to inject a failure in it.
 FAILURE_POINTS = {
-    "planning: tracing": (rewrite_module, "trace"),
+    "planning: tracing": (planner_module, "trace"),
     "selection: filter_fn": None,
     "preparing: building a stage": (ConvNorm2d, "reset_parameters"),
-    "preparing: a rewritten forward": (rewrite_module, "rewritten_forward_class"),
+    "preparing: a rewritten forward": (sites_module, "rewritten_forward_class"),
     "committing: installing a stage": (ConvNormConv2d, "install_stage"),
     "committing: the report": (rewrite_module, "setattr"),
 }

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import convnorm_fx
 from convnorm_fx import ConvNorm2d, ConvNormCondConv2d, ConvNormConv2d
