@@ -55,6 +55,7 @@ from . import ops
 from .dft import phase
 from .geometry import IntOrPair, pair
 from .modules import ConvNorm2d
+from .recording import record_stage_calls
 
 __all__ = [
     "SpectralReport",
@@ -663,15 +664,6 @@ class SpectralReport:
         return self.format_table()
 
 
-def _stage_call_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """``(y, weight)`` of a ``ConvNorm2d.forward(y, weight, bias)`` call, positional or keyword."""
-    names = ("y", "weight")
-    values = list(args[:2]) + [kwargs[n] for n in names[len(args[:2]) :] if n in kwargs]
-    if len(values) < 2:
-        raise ValueError("a ConvNorm2d stage was called without (y, weight); cannot measure it")
-    return values[0], values[1]
-
-
 def _measure(name: str, stage: ConvNorm2d, weight: Tensor, grid: tuple[int, int], groups: int) -> SpectralRow:
     w = weight.detach()
     if w.dim() != 4 or w.shape[0] % groups != 0:
@@ -692,7 +684,7 @@ def _measure(name: str, stage: ConvNorm2d, weight: Tensor, grid: tuple[int, int]
         groups=groups,
         grid=grid,
         eps=eps,
-        bypassed=bool(getattr(stage, "bypassed", False)),
+        bypassed=bool(stage.bypassed),
         spectral_norm_before=conv_spectral_norm(w, grid, dilation, groups).item(),
         spectral_norm_after=normalized_spectral_norm(w, grid, dilation, groups, eps).item(),
         cond_mean_before=cond_a.mean().item(),
@@ -763,36 +755,12 @@ def spectral_report(
     probe = torch.zeros((batch_size, *size), device=device if device is not None else default_device, dtype=dtype)
 
     names = {id(m): name for name, m in model.named_modules() if isinstance(m, ConvNorm2d)}
-    stages = {id(m): m for m in model.modules() if isinstance(m, ConvNorm2d)}
-    calls: list[tuple[int, Tensor, tuple[int, int]]] = []
-
-    def record(stage: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        y, weight = _stage_call_inputs(args, kwargs)
-        grid = (1, 1) if tuple(stage.kernel_size) == (1, 1) else (int(y.shape[-2]), int(y.shape[-1]))
-        calls.append((id(stage), weight.detach(), grid))
-
-    modes = [(m, m.training) for m in model.modules()]
-    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in stages.values()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(probe)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes:
-            module.training = mode
-
     report = SpectralReport(input_size=size, batch_size=batch_size)
-    seen: dict[int, int] = {}
+    seen = set()
     with torch.no_grad():
-        for key, weight, grid in calls:
-            count = seen.get(key, 0)
-            seen[key] = count + 1
-            name = names[key] if count == 0 else f"{names[key]}[{count}]"
-            stage = stages[key]
-            # Stages built before ConvNorm2d had `groups` describe ungrouped convs.
-            groups = int(getattr(stage, "groups", 1))
-            report.rows.append(_measure(name, stage, weight, grid, groups))
+        for call in record_stage_calls(model, probe, cond_convs=False):
+            seen.add(id(call.stage))
+            name = call.name if call.index == 0 else f"{call.name}[{call.index}]"
+            report.rows.append(_measure(name, call.stage, call.weight, call.grid, int(call.stage.groups)))
     report.not_called = [name for key, name in names.items() if key not in seen]
     return report

@@ -8,9 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .cond_conv import ConvNormCondConv2d
 from .modules import ConvNorm2d, bypass
+from .recording import record_stage_calls
 from .report import rewrite_report
 
 __all__ = ["SiteCheck", "check_sites"]
@@ -90,40 +89,15 @@ def check_sites(original: nn.Module, rewritten: nn.Module, input_size: Sequence[
     modes = [(m, m.training) for m in list(original.modules()) + list(rewritten.modules())]
     original.eval()
     rewritten.eval()
-    stage_inputs: dict[str, tuple[ConvNorm2d, Tensor, tuple[int, int]]] = {}
-    handles = []
-    for name, module in rewritten.named_modules():
-        if isinstance(module, ConvNorm2d):
-
-            def record(stage: nn.Module, args: Any, name: str = name) -> None:
-                y, weight = args[0], args[1]
-                grid = (1, 1) if stage.kernel_size == (1, 1) else tuple(y.shape[-2:])
-                stage_inputs[name] = (stage, weight.detach(), grid)
-
-            handles.append(module.register_forward_pre_hook(record))
-        elif isinstance(module, ConvNormCondConv2d):
-            # Its stage is never called (the kernel is mixed per sample): measure every
-            # sample's kernel, each one's channels as channels of the stage.
-            def record_cond(conv: nn.Module, args: Any, kwargs: dict[str, Any], name: str = name) -> None:
-                x = args[0] if args else kwargs["x"]
-                routing = args[1] if len(args) > 1 else kwargs["routing_weights"]
-                weight, _ = conv.mixed_kernels(routing)
-                size = conv.grouped_signal(x).shape[-2:]
-                grid = (1, 1) if conv.kernel_size == (1, 1) else ops.grid_size(size, conv.kernel_size, conv.dilation)
-                stage_inputs[f"{name}.norm" if name else "norm"] = (conv.norm, weight.detach(), grid)
-
-            handles.append(module.register_forward_pre_hook(record_cond, with_kwargs=True))
     try:
         expected = _capture_outputs(original, names, x)
         with bypass(rewritten):
             actual = _capture_outputs(rewritten, names, x)
-        with torch.no_grad():
-            rewritten(x)  # records what each stage normalizes with
     finally:
-        for handle in handles:
-            handle.remove()
         for module, mode in modes:
             module.training = mode
+    # What each stage normalizes with (a CondConv's stage: every sample's kernel).
+    stage_inputs = {call.name: (call.stage, call.weight, call.grid) for call in record_stage_calls(rewritten, x)}
 
     stage_of_site = {}
     for stage_name in stage_inputs:

@@ -38,6 +38,7 @@ from .dft import hermitian_weights, phase
 from .modules import ConvNorm2d, check_stage_arguments
 from .pipeline import finish_stage
 from .precision import complex_dtype, compute_dtype
+from .recording import record_stage_calls
 
 __all__ = ["FrozenConvNorm2d", "freeze"]
 
@@ -223,28 +224,12 @@ def freeze(model: nn.Module, input_size: Sequence[int] | Tensor) -> nn.Module:
         example = torch.zeros(shape, **factory)
 
     seen: dict[str, tuple[tuple[int, int], Tensor]] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            y, weight = args[0], args[1]
-            grid = (int(y.shape[-2]), int(y.shape[-1]))
-            if name in seen and module.kernel_size != (1, 1) and seen[name][0] != grid:
-                raise ValueError(
-                    f"stage '{name}' runs at two sizes {seen[name][0]} and {grid}; it cannot be frozen for one"
-                )
-            seen[name] = (grid, weight.detach())
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name)) for name, m in stages.items()]
-    try:
-        with torch.no_grad():
-            frozen(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for call in record_stage_calls(frozen, example, cond_convs=False):
+        if call.name in seen and call.stage.kernel_size != (1, 1) and seen[call.name][0] != call.grid:
+            raise ValueError(
+                f"stage '{call.name}' runs at two sizes {seen[call.name][0]} and {call.grid}; it cannot be frozen for one"
+            )
+        seen[call.name] = (call.grid, call.weight)
     for name, (grid, weight) in seen.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = frozen.get_submodule(parent_name) if parent_name else frozen
-        setattr(parent, attr, FrozenConvNorm2d(stages[name], weight, grid))
+        frozen.set_submodule(name, FrozenConvNorm2d(stages[name], weight, grid))
     return frozen

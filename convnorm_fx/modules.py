@@ -305,7 +305,8 @@ class ConvNorm2d(nn.Module):
             return 1, 1  # flat spectrum: one frequency is enough
         return int(y.shape[-2]), int(y.shape[-1])
 
-    def _fresh_spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+    def compute_spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+        """``(S_k + eps)^{-1/2}`` of ``weight`` on ``grid``, computed afresh (no cache, no running average)."""
         return ops.preconditioner_spectrum(weight, grid, self.dilation, self.eps, self.stop_gradient)
 
     def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
@@ -343,19 +344,19 @@ class ConvNorm2d(nn.Module):
         if self.training:
             if self.running_autocorrelation is not None:
                 self._update_running(weight)
-            return self._fresh_spectrum(weight, grid)
+            return self.compute_spectrum(weight, grid)
         if self.running_autocorrelation is not None:
             return self._running_spectrum(grid)
         needs_graph = not self.stop_gradient and torch.is_grad_enabled() and weight.requires_grad
         if needs_graph or torch.compiler.is_compiling() or not _cacheable(weight):
-            return self._fresh_spectrum(weight, grid)
+            return self.compute_spectrum(weight, grid)
         key = (grid, tuple(weight.shape), weight.dtype, weight.device, self.eps, self.dilation)
         cache = self._spectrum_cache
         if cache is not None and cache.key == key and torch.equal(cache.weight, weight):
             return cache.inv_sqrt
         with torch.inference_mode(False), torch.no_grad():
             snapshot = weight.detach().clone()
-            inv_sqrt = self._fresh_spectrum(snapshot, grid)
+            inv_sqrt = self.compute_spectrum(snapshot, grid)
         self._spectrum_cache = _SpectrumCache(key, snapshot, inv_sqrt)
         return inv_sqrt
 
