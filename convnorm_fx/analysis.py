@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -143,14 +143,23 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+class _Arguments(NamedTuple):
+    weight: Tensor  # detached, in the compute dtype
+    grid: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    eps: float
+
+
 def _prepare(
-    weight: Tensor, grid: Sequence[int], dilation: IntOrPair, dtype: torch.dtype
-) -> tuple[Tensor, tuple[int, int], tuple[int, int]]:
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair, dtype: torch.dtype, groups: int = 1, eps: float = 0.0
+) -> _Arguments:
+    """Check the arguments every measure takes, and put the weight in the compute dtype."""
     _check_weight(weight)
     dtype = _check_dtype(dtype)
     dilation_hw = _check_dilation(dilation)
     grid_hw = _check_grid(grid, weight, dilation_hw)
-    return weight.detach().to(dtype), grid_hw, dilation_hw
+    return _Arguments(weight.detach().to(dtype), grid_hw, dilation_hw, _check_groups(groups, weight), _check_eps(eps))
 
 
 # --------------------------------------------------------------------------------------
@@ -228,11 +237,7 @@ def _per_group(dft: Tensor, groups: int) -> Tensor:
 
 
 def conv_singular_values(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, groups: int = 1, *,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """All singular values of the conv's circular operator ``A`` on an ``M_h x M_w`` grid.
@@ -265,8 +270,7 @@ def conv_singular_values(
         >>> conv_singular_values(w, (10, 10)).shape
         torch.Size([300])
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    groups = _check_groups(groups, w)
+    w, grid_hw, dilation_hw, groups, _ = _prepare(weight, grid, dilation, dtype, groups)
     values = [
         torch.linalg.svdvals(_per_group(dft, groups)).flatten()
         for dft in _kernel_dft_chunks(w, grid_hw, dilation_hw, onesided=False)
@@ -286,11 +290,7 @@ def _largest_singular_value(x: Tensor) -> Tensor:
 
 
 def conv_spectral_norm(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, groups: int = 1, *,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Largest singular value ``||A||`` of the conv's circular operator (see :func:`conv_singular_values`).
@@ -305,8 +305,7 @@ def conv_spectral_norm(
         - weight: ``(C_out, C_in / g, k_h, k_w)``
         - output: ``()``
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    groups = _check_groups(groups, w)
+    w, grid_hw, dilation_hw, groups, _ = _prepare(weight, grid, dilation, dtype, groups)
     best = w.new_zeros(())
     for dft in _kernel_dft_chunks(w, grid_hw, dilation_hw, onesided=True):
         best = torch.maximum(best, _largest_singular_value(_per_group(dft, groups)).max())
@@ -324,12 +323,7 @@ def _normalized_chunks(
 
 
 def normalized_singular_values(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    eps: float = 0.0,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, groups: int = 1, eps: float = 0.0, *,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """All singular values of the ConvNorm operator ``Q`` (eq. 8) on an ``M_h x M_w`` grid.
@@ -356,9 +350,7 @@ def normalized_singular_values(
         - weight: ``(C_out, C_in / g, k_h, k_w)``
         - output: ``(M_h * M_w * g * min(C_out / g, C_in / g),)``
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    groups = _check_groups(groups, w)
-    eps = _check_eps(eps)
+    w, grid_hw, dilation_hw, groups, eps = _prepare(weight, grid, dilation, dtype, groups, eps)
     values = [
         torch.linalg.svdvals(_per_group(q, groups)).flatten()
         for q in _normalized_chunks(w, grid_hw, dilation_hw, eps, onesided=False)
@@ -367,12 +359,7 @@ def normalized_singular_values(
 
 
 def normalized_spectral_norm(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    eps: float = 0.0,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, groups: int = 1, eps: float = 0.0, *,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Largest singular value ``||Q||`` of the ConvNorm operator (see :func:`normalized_singular_values`).
@@ -384,9 +371,7 @@ def normalized_spectral_norm(
         - weight: ``(C_out, C_in / g, k_h, k_w)``
         - output: ``()``
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    groups = _check_groups(groups, w)
-    eps = _check_eps(eps)
+    w, grid_hw, dilation_hw, groups, eps = _prepare(weight, grid, dilation, dtype, groups, eps)
     best = w.new_zeros(())
     for q in _normalized_chunks(w, grid_hw, dilation_hw, eps, onesided=True):
         best = torch.maximum(best, _largest_singular_value(_per_group(q, groups)).max())
@@ -394,14 +379,8 @@ def normalized_spectral_norm(
 
 
 def strided_spectral_norm_upper_bound(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    *,
-    normalized: bool = False,
-    eps: float = 0.0,
-    dtype: torch.dtype = torch.float64,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, groups: int = 1, *, normalized: bool = False,
+    eps: float = 0.0, dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Upper bound on the spectral norm of the conv layer as it runs (any stride and padding).
 
@@ -462,11 +441,7 @@ def _normalized_gain_squared(power: Tensor, eps: float) -> Tensor:
 
 
 def channel_condition_numbers(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    eps: float = 0.0,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, eps: float = 0.0, *,
     dtype: torch.dtype = torch.float64,
 ) -> tuple[Tensor, Tensor]:
     """Condition numbers of every channel's block row ``A_k`` and of its normalized ``Q_k``.
@@ -497,8 +472,7 @@ def channel_condition_numbers(
         - weight: ``(C_out, C_in / g, k_h, k_w)``
         - cond_A, cond_Q: ``(C_out,)``
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    eps = _check_eps(eps)
+    w, grid_hw, dilation_hw, _, eps = _prepare(weight, grid, dilation, dtype, eps=eps)
     low, high = _channel_power_range(w, grid_hw, dilation_hw)
     # S / (S + eps) increases with S, so its extremes sit at the extremes of S.
     cond_a = _ratio_sqrt(high, low)
@@ -507,11 +481,7 @@ def channel_condition_numbers(
 
 
 def proposition31_bound(
-    weight: Tensor,
-    grid: Sequence[int],
-    dilation: IntOrPair = 1,
-    eps: float = 0.0,
-    *,
+    weight: Tensor, grid: Sequence[int], dilation: IntOrPair = 1, eps: float = 0.0, *,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
     """Proposition 3.1: ``||Q|| <= sqrt(sum_k ||Q_k||^2)``; returns the right-hand side.
@@ -531,8 +501,7 @@ def proposition31_bound(
         - weight: ``(C_out, C_in / g, k_h, k_w)``
         - output: ``()``
     """
-    w, grid_hw, dilation_hw = _prepare(weight, grid, dilation, dtype)
-    eps = _check_eps(eps)
+    w, grid_hw, dilation_hw, _, eps = _prepare(weight, grid, dilation, dtype, eps=eps)
     _, high = _channel_power_range(w, grid_hw, dilation_hw)
     return _normalized_gain_squared(high, eps).sum().sqrt()
 

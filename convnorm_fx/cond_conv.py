@@ -106,22 +106,10 @@ class ConvNormCondConv2d(nn.Module):
     """
 
     def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: IntOrPair = 3,
-        stride: IntOrPair = 1,
-        padding: IntOrPair = 0,
-        dilation: IntOrPair = 1,
-        groups: int = 1,
-        bias: bool = False,
-        num_experts: int = 4,
-        dynamic_padding: bool = False,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        config: ConvNormConfig | None = None,
-        **options: Any,
+        self, in_channels: int, out_channels: int, kernel_size: IntOrPair = 3, stride: IntOrPair = 1,
+        padding: IntOrPair = 0, dilation: IntOrPair = 1, groups: int = 1, bias: bool = False, num_experts: int = 4,
+        dynamic_padding: bool = False, device: Any = None, dtype: torch.dtype | None = None, *,
+        config: ConvNormConfig | None = None, **options: Any,
     ) -> None:
         super().__init__()
         if groups < 1 or in_channels % groups or out_channels % groups:
@@ -209,20 +197,9 @@ class ConvNormCondConv2d(nn.Module):
             )
         weight = cond_conv.weight
         new = cls(
-            cond_conv.in_channels,
-            cond_conv.out_channels,
-            cond_conv.kernel_size,
-            cond_conv.stride,
-            cond_conv.padding,
-            cond_conv.dilation,
-            cond_conv.groups,
-            cond_conv.bias is not None,
-            cond_conv.num_experts,
-            cond_conv.dynamic_padding,
-            device="meta",
-            dtype=weight.dtype,
-            config=config,
-            **options,
+            cond_conv.in_channels, cond_conv.out_channels, cond_conv.kernel_size, cond_conv.stride, cond_conv.padding,
+            cond_conv.dilation, cond_conv.groups, cond_conv.bias is not None, cond_conv.num_experts,
+            cond_conv.dynamic_padding, device="meta", dtype=weight.dtype, config=config, **options,
         )
         return adopt_conv_parameters(new, cond_conv)
 

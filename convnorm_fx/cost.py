@@ -28,12 +28,8 @@ __all__ = [
 
 
 def select_algorithm(
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    training: bool = True,
+    input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
+    groups: int = 1, training: bool = True,
 ) -> str:
     """Pick ``'direct'`` or ``'spectral'`` for one site by a cost model of both.
 
@@ -58,12 +54,8 @@ def select_algorithm(
 
 
 def site_costs(
-    input_shape: Sequence[int],
-    weight_shape: Sequence[int],
-    stride: IntOrPair = 1,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    training: bool = True,
+    input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
+    groups: int = 1, training: bool = True,
 ) -> tuple[float, float]:
     """Estimated cost ``(direct, spectral)`` of one site, in conv multiply-adds.
 

@@ -33,9 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
 from .dft import hermitian_weights, phase
-from .modules import ConvNorm2d, check_stage_arguments
+from .modules import ConvNorm2d, FeedingConv, check_stage_arguments, finish_stage_call
 from .pipeline import finish_stage
 from .precision import complex_dtype, compute_dtype
 from .recording import record_stage_calls
@@ -49,7 +48,7 @@ def _dft_matrices(size: int, count: int, dtype: torch.dtype, device: torch.devic
     return table.real.to(dtype), table.imag.to(dtype)
 
 
-class FrozenConvNorm2d(nn.Module):
+class FrozenConvNorm2d(FeedingConv, nn.Module):
     """A :class:`~convnorm_fx.modules.ConvNorm2d` stage frozen for fixed weights and input size.
 
     Same forward signature and result as the stage in eval mode, for the one input size it
@@ -83,13 +82,8 @@ class FrozenConvNorm2d(nn.Module):
         super().__init__()
         if not isinstance(stage, ConvNorm2d):
             raise TypeError(f"FrozenConvNorm2d freezes a ConvNorm2d, got {type(stage).__name__}")
-        self.num_channels = stage.num_channels
-        self.kernel_size = stage.kernel_size
-        self.stride = stage.stride
-        self.padding = stage.padding
-        self.dilation = stage.dilation
-        self.groups = stage.groups
-        self.eps = stage.eps
+        for name in ("num_channels", "kernel_size", "stride", "padding", "dilation", "groups", "eps"):
+            setattr(self, name, getattr(stage, name))
         self.normalize = not stage.bypassed
         self.affine_weight = stage.affine_weight
         self.affine_bias = stage.affine_bias
@@ -118,16 +112,6 @@ class FrozenConvNorm2d(nn.Module):
             self.register_buffer("inverse_sin_w", sin_w * scale, persistent=False)
         self.train(was_training)
 
-    @property
-    def feeding_stride(self) -> tuple[int, int]:
-        """Stride of the conv whose output this stage takes (as the original stage)."""
-        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[0]
-
-    @property
-    def feeding_padding(self) -> tuple[int, int]:
-        """Padding of the conv whose output this stage takes (as the original stage)."""
-        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[1]
-
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -152,31 +136,16 @@ class FrozenConvNorm2d(nn.Module):
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         check_stage_arguments(self, weight, y)
         if self.kernel_size == (1, 1):
-            out = ops.conv_norm_stage(
-                y,
-                weight,
-                bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.eps,
-                affine_weight=self.affine_weight,
-                affine_bias=self.affine_bias,
-                inv_sqrt=self.spectrum,
-                normalize=self.normalize,
+            return finish_stage_call(self, y, weight, bias, self.spectrum if self.normalize else None)
+        if tuple(y.shape[-2:]) != self.grid:
+            raise ValueError(
+                f"this stage was frozen for a conv output of spatial size {self.grid}, got {tuple(y.shape[-2:])}; "
+                "freeze the model again for this input size"
             )
-        else:
-            if tuple(y.shape[-2:]) != self.grid:
-                raise ValueError(
-                    f"this stage was frozen for a conv output of spatial size {self.grid}, got {tuple(y.shape[-2:])}; "
-                    "freeze the model again for this input size"
-                )
-            affine = (self.affine_weight, self.affine_bias) if self.normalize else (None, None)
-            z = self._filter(y) if self.normalize else y
-            out = finish_stage(z, self.kernel_size, self.stride, self.padding, self.dilation, bias, *affine)
-        if self.bn is not None and self.normalize:
-            out = self.bn(out)
-        return out
+        affine = (self.affine_weight, self.affine_bias) if self.normalize else (None, None)
+        z = self._filter(y) if self.normalize else y
+        out = finish_stage(z, self.kernel_size, self.stride, self.padding, self.dilation, bias, *affine)
+        return self.bn(out) if self.bn is not None and self.normalize else out
 
 
 def freeze(model: nn.Module, input_size: Sequence[int] | Tensor) -> nn.Module:

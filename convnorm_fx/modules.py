@@ -24,7 +24,7 @@ from .geometry import IntOrPair, PaddingArg, pair
 from .precision import autocast_disabled, compute_dtype, spectrum_dtype
 from .config import ConvNormConfig, stage_config
 
-__all__ = ["ConvNorm2d", "ConvNormConv2d", "bypass", "check_stage_arguments", "refuse_torchscript", "stage_forward"]
+__all__ = ["ConvNorm2d", "ConvNormConv2d", "FeedingConv", "bypass", "check_stage_arguments", "finish_stage_call", "refuse_torchscript", "stage_forward"]
 
 
 
@@ -90,7 +90,28 @@ def adopt_conv_parameters(new: nn.Module, conv: nn.Module) -> Any:
     return new
 
 
-class ConvNorm2d(nn.Module):
+class FeedingConv:
+    """The conv that feeds a stage, from the stage's ``kernel_size``, ``stride``, ``padding``
+    and ``dilation`` (shared by :class:`ConvNorm2d` and the frozen stage of
+    :mod:`convnorm_fx.deploy`)."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def feeding_stride(self) -> tuple[int, int]:
+        """Stride of the conv whose output this stage takes."""
+        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[0]
+
+    @property
+    def feeding_padding(self) -> tuple[int, int]:
+        """Padding of the conv whose output this stage takes."""
+        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[1]
+
+
+class ConvNorm2d(FeedingConv, nn.Module):
     """ConvNorm stage of one conv site (Liu et al. 2021, §3.2-3.3, Appendix B).
 
     ``forward(y, weight, bias)`` takes the output of the conv that feeds it (see
@@ -286,18 +307,6 @@ class ConvNorm2d(nn.Module):
         self._spectrum_cache = None  # device or dtype may change
         return super()._apply(fn, recurse)
 
-    # -- feeding conv ----------------------------------------------------------------
-
-    @property
-    def feeding_stride(self) -> tuple[int, int]:
-        """Stride of the conv whose output this stage takes."""
-        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[0]
-
-    @property
-    def feeding_padding(self) -> tuple[int, int]:
-        """Padding of the conv whose output this stage takes."""
-        return ops.feeding_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)[1]
-
     # -- spectrum --------------------------------------------------------------------
 
     def _spectrum_grid(self, y: Tensor) -> tuple[int, int]:
@@ -398,22 +407,7 @@ class ConvNorm2d(nn.Module):
             self.require_finite("conv output", y)
         normalize = not self.bypassed
         inv_sqrt = self.spectrum(weight, self._spectrum_grid(y)) if normalize else None
-        out = ops.conv_norm_stage(
-            y,
-            weight,
-            bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.eps,
-            self.stop_gradient,
-            affine_weight=self.affine_weight,
-            affine_bias=self.affine_bias,
-            inv_sqrt=inv_sqrt,
-            normalize=normalize,
-        )
-        if self.bn is not None and normalize:
-            out = self.bn(out)
+        out = finish_stage_call(self, y, weight, bias, inv_sqrt)
         if checking:
             self.require_finite("output", out)
         return out
@@ -466,6 +460,19 @@ class ConvNorm2d(nn.Module):
         if checking:
             self.require_finite("output", out)
         return out
+
+
+def finish_stage_call(stage: nn.Module, y: Tensor, weight: Tensor, bias: Tensor | None, inv_sqrt: Tensor | None) -> Tensor:
+    """What a stage does once its preconditioner's DFT ``inv_sqrt`` is known (``None``: bypass):
+    :func:`convnorm_fx.ops.conv_norm_stage` with the stage's geometry and affine transform,
+    then its BatchNorm. Shared by :class:`ConvNorm2d` and the frozen stage of
+    :mod:`convnorm_fx.deploy`, which has the same attributes."""
+    normalize = inv_sqrt is not None
+    out = ops.conv_norm_stage(
+        y, weight, bias, stage.stride, stage.padding, stage.dilation, stage.eps,
+        affine_weight=stage.affine_weight, affine_bias=stage.affine_bias, inv_sqrt=inv_sqrt, normalize=normalize,
+    )  # fmt: skip
+    return stage.bn(out) if stage.bn is not None and normalize else out
 
 
 @torch.fx.wrap
@@ -589,18 +596,8 @@ class ConvNormConv2d(nn.Conv2d):
             )
         weight = conv.weight
         new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.groups,
-            conv.bias is not None,
-            conv.padding_mode,
-            device="meta",
-            dtype=weight.dtype,
-            config=config,
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=weight.dtype, config=config,
             **options,
         )
         return adopt_conv_parameters(new, conv)

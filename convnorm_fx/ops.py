@@ -65,49 +65,21 @@ from .spectrum import (
 )
 
 __all__ = [
-    "ALGORITHMS",
-    "DEFAULT_EPS",
-    "IntOrPair",
-    "PaddingArg",
-    "conv_norm2d",
-    "conv_norm_from_input",
-    "conv_norm_stage",
-    "conv_output_size",
-    "crop_and_downsample",
-    "explicit_padding",
-    "feeding_conv_args",
-    "full_padding",
-    "grid_size",
-    "inverse_sqrt_spectrum",
-    "kernel_autocorrelation",
-    "kernel_power_spectrum",
-    "normalize_circular",
-    "pad_for_mode",
-    "power_spectrum_from_autocorrelation",
-    "preconditioner_spectrum",
-    "resolve_algorithm",
-    "select_algorithm",
-    "site_costs",
-]
+    # This module: the whole site, and which path computes it.
+    "ALGORITHMS", "conv_norm2d", "conv_norm_from_input", "conv_norm_stage", "resolve_algorithm",
+    # The math of the modules below, importable from here too.
+    "DEFAULT_EPS", "kernel_power_spectrum", "kernel_autocorrelation", "power_spectrum_from_autocorrelation",
+    "inverse_sqrt_spectrum", "preconditioner_spectrum", "normalize_circular", "select_algorithm", "site_costs",
+    "IntOrPair", "PaddingArg", "full_padding", "grid_size", "explicit_padding", "pad_for_mode", "feeding_conv_args",
+    "conv_output_size", "crop_and_downsample",
+]  # fmt: skip
 
 
 def conv_norm2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: IntOrPair = 1,
-    padding: PaddingArg = 0,
-    dilation: IntOrPair = 1,
-    groups: int = 1,
-    padding_mode: str = "zeros",
-    eps: float = DEFAULT_EPS,
-    stop_gradient: bool = True,
-    *,
-    affine_weight: Tensor | None = None,
-    affine_bias: Tensor | None = None,
-    inv_sqrt: Tensor | None = None,
-    normalize: bool = True,
-    algorithm: str = "auto",
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntOrPair = 1, padding: PaddingArg = 0,
+    dilation: IntOrPair = 1, groups: int = 1, padding_mode: str = "zeros", eps: float = DEFAULT_EPS,
+    stop_gradient: bool = True, *, affine_weight: Tensor | None = None, affine_bias: Tensor | None = None,
+    inv_sqrt: Tensor | None = None, normalize: bool = True, algorithm: str = "auto",
 ) -> Tensor:
     """A 2-D convolution followed by ConvNorm, exactly as Appendix B prescribes.
 
@@ -191,19 +163,10 @@ def conv_norm2d(
 
 
 def conv_norm_stage(
-    y: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    stride: IntOrPair = 1,
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
-    dilation: IntOrPair = 1,
-    eps: float = DEFAULT_EPS,
-    stop_gradient: bool = True,
-    *,
-    affine_weight: Tensor | None = None,
-    affine_bias: Tensor | None = None,
-    inv_sqrt: Tensor | None = None,
-    normalize: bool = True,
+    y: Tensor, weight: Tensor, bias: Tensor | None = None, stride: IntOrPair = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0), dilation: IntOrPair = 1, eps: float = DEFAULT_EPS,
+    stop_gradient: bool = True, *, affine_weight: Tensor | None = None, affine_bias: Tensor | None = None,
+    inv_sqrt: Tensor | None = None, normalize: bool = True,
 ) -> Tensor:
     """Everything after the conv: preconditioner, affine, crop, stride, bias.
 
@@ -249,15 +212,8 @@ def conv_norm_stage(
 
 
 def resolve_algorithm(
-    algorithm: str,
-    x: Tensor,
-    weight: Tensor,
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    affine_weight: Tensor | None,
-    constant_spectrum: bool,
+    algorithm: str, x: Tensor, weight: Tensor, stride: tuple[int, int], pads: tuple[int, int, int, int],
+    dilation: tuple[int, int], groups: int, affine_weight: Tensor | None, constant_spectrum: bool,
 ) -> SpectralPlan | None:
     """The spectral plan if the site runs spectrally, else ``None`` (direct algorithm)."""
     if algorithm not in ALGORITHMS:
@@ -276,19 +232,9 @@ def resolve_algorithm(
 
 
 def conv_norm_from_input(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    eps: float,
-    stop_gradient: bool,
-    affine_weight: Tensor | None,
-    affine_bias: Tensor | None,
-    inv_sqrt: Tensor | None,
-    algorithm: str,
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], pads: tuple[int, int, int, int],
+    dilation: tuple[int, int], groups: int, eps: float, stop_gradient: bool, affine_weight: Tensor | None,
+    affine_bias: Tensor | None, inv_sqrt: Tensor | None, algorithm: str,
 ) -> Tensor:
     """A normalized site from its (mode-padded) input, by the algorithm ``algorithm`` resolves to.
 

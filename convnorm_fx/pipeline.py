@@ -54,13 +54,8 @@ def normalize_circular(y: Tensor, inv_sqrt: Tensor) -> Tensor:
 
 
 def affine_crop_downsample(
-    y: Tensor,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    affine_weight: Tensor,
-    affine_bias: Tensor | None,
+    y: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+    dilation: tuple[int, int], affine_weight: Tensor, affine_bias: Tensor | None,
 ) -> Tensor:
     """Affine transform with "same" output on the zero-extended normalized signal, then crop and stride.
 
@@ -83,11 +78,7 @@ def affine_crop_downsample(
 
 
 def scale_1x1_factor(
-    weight: Tensor,
-    eps: float,
-    stop_gradient: bool,
-    affine_weight: Tensor | None,
-    inv_sqrt: Tensor | None,
+    weight: Tensor, eps: float, stop_gradient: bool, affine_weight: Tensor | None, inv_sqrt: Tensor | None,
 ) -> Tensor:
     """Per-channel factor of a 1x1 site: ``(||a_k||^2 + eps)^{-1/2}`` times the affine scale, ``(C_out,)``."""
     c_out = weight.shape[0]
@@ -105,13 +96,8 @@ def scale_1x1_factor(
 
 
 def scale_1x1(
-    y: Tensor,
-    weight: Tensor,
-    eps: float,
-    stop_gradient: bool,
-    affine_weight: Tensor | None,
-    affine_bias: Tensor | None,
-    inv_sqrt: Tensor | None,
+    y: Tensor, weight: Tensor, eps: float, stop_gradient: bool, affine_weight: Tensor | None,
+    affine_bias: Tensor | None, inv_sqrt: Tensor | None,
 ) -> Tensor:
     """1x1 fast path: ConvNorm is the per-channel scale ``1 / sqrt(||a_k||^2 + eps)``.
 
@@ -126,15 +112,9 @@ def scale_1x1(
 
 
 def finish_stage(
-    z: Tensor,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    bias: Tensor | None,
-    affine_weight: Tensor | None = None,
-    affine_bias: Tensor | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    z: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+    dilation: tuple[int, int], bias: Tensor | None, affine_weight: Tensor | None = None,
+    affine_bias: Tensor | None = None, memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Tensor:
     """Everything after the preconditioner: affine transform ``r_k`` (if ``affine_weight``),
     crop, stride, affine bias and conv bias, as a dense tensor in ``memory_format``.
@@ -158,14 +138,8 @@ def finish_stage(
 
 
 def stage_step_by_step(
-    y: Tensor,
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    bias: Tensor | None,
-    inv_sqrt: Tensor | None,
-    affine_weight: Tensor | None = None,
+    y: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], pads: tuple[int, int, int, int],
+    dilation: tuple[int, int], bias: Tensor | None, inv_sqrt: Tensor | None, affine_weight: Tensor | None = None,
     affine_bias: Tensor | None = None,
 ) -> Tensor:
     """The stage of a ``k_h x k_w`` site (not 1x1) on its full conv output, step by step.

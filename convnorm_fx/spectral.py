@@ -101,7 +101,7 @@ class SpectralPlan:
 
 
 def _axis_plan(
-    size: int, kernel: int, dilation: int, before: int, after: int, stride: int, affine: int
+    size: int, kernel: int, dilation: int, before: int, after: int, stride: int, affine: int,
 ) -> AxisPlan | None:
     """Where the outputs of one axis sit on the circular grid; ``None`` if none of them does."""
     full = dilation * (kernel - 1)
@@ -137,14 +137,8 @@ def _affine_fits(axis: AxisPlan) -> bool:
 
 
 def spectral_plan(
-    reference: Tensor,
-    input_size: Sequence[int],
-    kernel_size: tuple[int, int],
-    stride: tuple[int, int],
-    pads: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    affine_weight: Tensor | None,
+    reference: Tensor, input_size: Sequence[int], kernel_size: tuple[int, int], stride: tuple[int, int],
+    pads: tuple[int, int, int, int], dilation: tuple[int, int], groups: int, affine_weight: Tensor | None,
     out_dtype: torch.dtype,
 ) -> SpectralPlan | None:
     """The plan of a site with input size ``input_size``, or ``None`` where the frequency-domain
