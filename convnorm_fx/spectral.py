@@ -1,7 +1,11 @@
 """The spectral algorithm: a ConvNorm site computed in the frequency domain.
 
 Two ``torch.autograd.Function``s compute the same numbers as the step-by-step pipeline
-(:mod:`convnorm_fx.pipeline`), to round-off, for a constant preconditioner (stop-gradient):
+(:mod:`convnorm_fx.pipeline`), to round-off, for a constant preconditioner (stop-gradient).
+Their backward passes are written by hand and are ``once_differentiable``: a second
+derivative through them (a gradient penalty) raises a clear error. The step-by-step pipeline,
+which runs whenever the preconditioner is not a constant (``stop_gradient=False``), is plain
+autograd and supports double backward.
 
 * :class:`SpectralConvNorm`: the whole site from the conv's input, with no full conv at all:
   the DFT of the input, a per-frequency ``C_out x C_in`` complex product with
@@ -25,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .dft import (
     Samples,
@@ -389,6 +394,7 @@ class SpectralConvNorm(torch.autograd.Function):
         return out.to(plan.out_dtype).contiguous(memory_format=memory_format)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         x, weight, affine_weight, inv_sqrt = ctx.saved_tensors
         plan: SpectralPlan = ctx.plan
@@ -472,6 +478,7 @@ class SpectralStage(torch.autograd.Function):
         return out.to(y.dtype).contiguous(memory_format=memory_format)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         y, affine_weight, inv_sqrt = ctx.saved_tensors
         plan: SpectralPlan = ctx.plan

@@ -30,11 +30,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-#: Tolerances per dtype, relative to the scale of the expected tensor (see ``assert_close_scaled``).
-TOLERANCES = {
-    torch.float64: 1e-10,
-    torch.float32: 2e-5,
-}
 
 
 @pytest.fixture(params=DEVICES)

@@ -60,10 +60,19 @@ def preconditioned_operator(
 
 
 def conv_norm2d_dense(
-    geometry: ConvGeometry, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float = 0.0
+    geometry: ConvGeometry,
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    eps: float = 0.0,
+    affine_weight: np.ndarray | None = None,
+    affine_bias: np.ndarray | None = None,
 ) -> np.ndarray:
     """The whole ConvNorm site from dense matrices: pad (mode), zero-embed in the M-grid,
-    ``Q = P A``, crop to the original conv's window (zeros beyond the full padding), stride, bias."""
+    ``Q = P A``, the affine transform ``r_k`` (§3.3: a per-channel "same" correlation on the
+    zero-extended normalized signal, PyTorch's split of the halo, plus its bias), crop to the
+    original conv's window (zeros beyond the full padding, but for what the affine kernel
+    reaches), stride, bias."""
     top, bottom, left, right = geometry.explicit_padding()
     if geometry.padding_mode != "zeros":
         x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), mode=_NUMPY_PAD_MODES[geometry.padding_mode])
@@ -80,13 +89,27 @@ def conv_norm2d_dense(
     window = np.zeros((n, z.shape[1], out_h, out_w))
     for o in range(out_h):
         i = o + fh - top
-        if not 0 <= i < mh:
-            continue
         for p in range(out_w):
             j = p + fw - left
-            if 0 <= j < mw:
-                window[:, :, o, p] = z[:, :, i, j]
+            window[:, :, o, p] = _affine_at(z, i, j, affine_weight)
+    if affine_bias is not None:
+        window = window + affine_bias.reshape(1, -1, 1, 1)
     out = window[:, :, :: geometry.stride[0], :: geometry.stride[1]]
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
     return out
+
+
+def _affine_at(z: np.ndarray, i: int, j: int, affine_weight: np.ndarray | None) -> np.ndarray:
+    """``(r_k (star) z)[i, j]`` on the zero-extended signal (``z`` itself without ``r``): ``(N, C)``."""
+    n, c, mh, mw = z.shape
+    if affine_weight is None:
+        return z[:, :, i, j] if 0 <= i < mh and 0 <= j < mw else np.zeros((n, c))
+    rh, rw = affine_weight.shape[2:]
+    value = np.zeros((n, c))
+    for t in range(rh):
+        for u in range(rw):
+            a, b = i + t - (rh - 1) // 2, j + u - (rw - 1) // 2  # 'same': the smaller half before
+            if 0 <= a < mh and 0 <= b < mw:
+                value += affine_weight[:, 0, t, u][None, :] * z[:, :, a, b]
+    return value

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from convnorm_fx import ConvNorm2d, ConvNormConv2d, ops
+from tolerances import tolerance
 from convnorm_fx.analysis import (
     SpectralReport,
     channel_condition_numbers,
@@ -33,7 +34,7 @@ from convnorm_fx.analysis import (
 )
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-TOL = {"rtol": 1e-10, "atol": 1e-10}
+TOL = {"rtol": tolerance(torch.float64), "atol": tolerance(torch.float64)}
 
 
 # --------------------------------------------------------------------------------------

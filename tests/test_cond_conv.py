@@ -23,6 +23,7 @@ from torch import nn
 import convnorm_fx
 from convnorm_fx import ConvNormCondConv2d, bypass, ops, rewrite_report
 from helpers import assert_close_scaled
+from tolerances import tolerance
 from oracles import conv_norm2d_dense
 from strategies import ConvGeometry, conv_geometries, seeds
 
@@ -151,7 +152,10 @@ def test_each_sample_matches_the_dense_operator(geometry, seed):
         )
         bias = None if biases is None else biases[b].detach().numpy()
         expected = conv_norm2d_dense(sample, xb.numpy(), weights[b].detach().numpy(), bias)
-        assert_close_scaled(out[b : b + 1], torch.from_numpy(expected), tol=1e-9)
+        # Q is a tight frame (|Q x| <= |x| per channel): the input bounds the output's round-off,
+        # also where the expected values cancel to almost nothing.
+        scale = max(float(abs(expected).max()), float(xb.abs().max()))
+        assert_close_scaled(out[b : b + 1], torch.from_numpy(expected), tol=10 * tolerance(torch.float64), scale=scale)
 
 
 @given(geometry=conv_geometries(max_kernel=4, max_stride=1, max_channels=2, padding_modes=("zeros",)), seed=seeds)
@@ -375,7 +379,7 @@ def test_apply_on_efficientnet_cc():
             want = model(x)
             with bypass(rewritten):
                 got = rewritten(x)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        assert_close_scaled(got, want, tol=tolerance(torch.float32))
     rewritten.train()
     out = rewritten(x)
     out.square().mean().backward()

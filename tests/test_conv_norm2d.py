@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from convnorm_fx import conv_norm2d, ops
 from helpers import assert_close_scaled
+from tolerances import tolerance
 from oracles import conv_norm2d_dense
 from strategies import conv_geometries, seeds, tiny_geometries
 
@@ -47,13 +48,29 @@ def test_matches_dense_oracle(geometry, seed):
     assert_close_scaled(actual, torch.from_numpy(expected))
 
 
+@given(geometry=tiny_geometries, seed=seeds, algorithm=st.sampled_from(["direct", "spectral"]))
+def test_matches_dense_oracle_with_the_affine_transform(geometry, seed, algorithm):
+    """The affine transform r_k (§3.3, a "same" depthwise correlation of the kernel's size on the
+    zero-extended normalized signal) and its bias, against the dense construction, by both algorithms."""
+    x, w, b = geometry.tensors(seed)
+    gen = torch.Generator().manual_seed(seed + 7)
+    affine_w = torch.randn(w.shape[0], 1, *geometry.kernel, generator=gen, dtype=torch.float64)
+    affine_b = torch.randn(w.shape[0], generator=gen, dtype=torch.float64)
+    expected = conv_norm2d_dense(
+        geometry, x.numpy(), w.numpy(), None if b is None else b.numpy(), 1e-3, affine_w.numpy(), affine_b.numpy()
+    )
+    actual = _call(geometry, x, w, b, eps=1e-3, affine_weight=affine_w, affine_bias=affine_b, algorithm=algorithm)
+    assert_close_scaled(actual, torch.from_numpy(expected))
+
+
 @given(geometry=tiny_geometries, seed=seeds)
 def test_matches_dense_oracle_exact_operator(geometry, seed):
     """eps=0 is the paper's exact operator."""
     x, w, b = geometry.tensors(seed)
     assume(_well_conditioned(geometry, w))
     expected = conv_norm2d_dense(geometry, x.numpy(), w.numpy(), None if b is None else b.numpy(), eps=0.0)
-    assert_close_scaled(_call(geometry, x, w, b, eps=0.0), torch.from_numpy(expected), tol=1e-8)
+    # eps = 0: the gain reaches 1 / sqrt(min S_k), up to 30x on the draws kept, so round-off grows alike.
+    assert_close_scaled(_call(geometry, x, w, b, eps=0.0), torch.from_numpy(expected), tol=100 * tolerance(torch.float64))
 
 
 @given(geometry=conv_geometries(), seed=seeds)
@@ -193,7 +210,7 @@ def test_gradients_match_independent_reference(geometry, seed, stop_gradient):
     ref_out = _reference_pipeline(geometry, leaves_ref[0], leaves_ref[1], leaves_ref[2] if b is not None else None, stop_gradient)
     theirs = torch.autograd.grad((ref_out * grad_out).sum(), leaves_ref)
     for mine, ref in zip(ours, theirs):
-        assert_close_scaled(mine, ref, tol=1e-8)
+        assert_close_scaled(mine, ref, tol=100 * tolerance(torch.float64))
 
 
 def test_gradcheck_full_gradient():
@@ -266,7 +283,7 @@ def test_bf16_autocast_cpu_within_tolerance(kernel, stride):
         mixed = conv_norm2d(x, w, b, stride, kernel // 2)
     assert mixed.dtype == torch.bfloat16
     assert torch.isfinite(mixed).all()
-    assert_close_scaled(mixed.float(), reference, tol=3e-2)
+    assert_close_scaled(mixed.float(), reference, tol=tolerance(torch.bfloat16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -277,7 +294,7 @@ def test_fp16_autocast_cuda_within_tolerance():
     with torch.autocast("cuda", dtype=torch.float16):
         mixed = conv_norm2d(x, w, None, 2, 1)
     assert mixed.dtype == torch.float16
-    assert_close_scaled(mixed.float(), reference, tol=1e-2)
+    assert_close_scaled(mixed.float(), reference, tol=tolerance(torch.float16))
 
 
 @given(geometry=conv_geometries(max_channels=2), seed=seeds)

@@ -26,11 +26,12 @@ from torch.nn.utils import parametrizations, parametrize
 
 import convnorm_fx
 from convnorm_fx import ConvNorm2d, ConvNormConv2d, apply, bypass, conv_norm2d, rewrite_report
+from tolerances import tolerance
 from convnorm_fx import planner as planner_module
 from convnorm_fx import rewrite as rewrite_module
 from convnorm_fx import sites as sites_module
 
-TOL = 1e-10  # float64 throughout
+TOL = tolerance(torch.float64)  # float64 throughout
 
 
 # --------------------------------------------------------------------------------------
