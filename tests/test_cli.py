@@ -12,6 +12,7 @@ import torch
 import convnorm_fx
 from cli_models import tiny_net
 from convnorm_fx.cli import build_model, main
+from tolerances import tolerance
 
 
 def test_inspect_json_matches_library(tmp_path, capsys):
@@ -32,9 +33,9 @@ def test_inspect_json_matches_library(tmp_path, capsys):
     rows = data["spectral"]["rows"]
     assert [r["name"] for r in rows] == [r.name for r in expected.rows]
     for got, want in zip(rows, expected.rows):
-        assert got["spectral_norm_before"] == pytest.approx(want.spectral_norm_before, rel=1e-9)
-        assert got["spectral_norm_after"] == pytest.approx(want.spectral_norm_after, rel=1e-9)
-        assert got["cond_max_before"] == pytest.approx(want.cond_max_before, rel=1e-9)
+        assert got["spectral_norm_before"] == pytest.approx(want.spectral_norm_before, rel=10 * tolerance(torch.float64))
+        assert got["spectral_norm_after"] == pytest.approx(want.spectral_norm_after, rel=10 * tolerance(torch.float64))
+        assert got["cond_max_before"] == pytest.approx(want.cond_max_before, rel=10 * tolerance(torch.float64))
     assert data["rewrite"]["summary"] == convnorm_fx.rewrite_report(rewritten).summary()
     assert all(c["passed"] and c["bypass_error"] <= 1e-6 and c["tight_frame_error"] <= 1e-6 for c in data["checks"])
     assert data["train_step_ratio"] > 0

@@ -304,7 +304,7 @@ def test_device_matches_cpu_float64(geometry, seed, device, dtype):
     reference = _call(geometry, x, w, b)
     xs, ws, bs = geometry.tensors(seed, dtype=dtype, device=device)
     if dtype == torch.float64:
-        tol = 1e-10
+        tol = tolerance(torch.float64)
     else:
         # Round-off is amplified by the preconditioner's gain, 1/sqrt of the spectrum's floor.
         ratio = _spectrum_floor_ratio(geometry, w)

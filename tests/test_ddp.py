@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import tolerance
 import torch.distributed as dist
 
 import ddp_train
@@ -71,5 +72,5 @@ def test_ddp_training_matches_single_process(tmp_path):
             for key, value in state.items():
                 # Identical across ranks: DDP broadcasts at start and all-reduces every step.
                 torch.testing.assert_close(value, ranks[0][stop_gradient][key], rtol=0, atol=0)
-                torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-6, msg=f"rank {rank} {key}")
+                torch.testing.assert_close(value, expected[key], rtol=100 * tolerance(torch.float64), atol=100 * tolerance(torch.float64), msg=f"rank {rank} {key}")
         assert any(not torch.equal(expected[k], start[k]) for k in expected)  # training did move the weights

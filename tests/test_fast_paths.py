@@ -325,7 +325,7 @@ def test_spectral_on_device_matches_cpu(geometry, seed, device):
         xs, ws, bs, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
         affine_weight=aws, affine_bias=abs_, algorithm="spectral",
     )
-    assert_close_scaled(actual.cpu().double(), expected, tol=1e-4)
+    assert_close_scaled(actual.cpu().double(), expected, tol=5 * tolerance(torch.float32))
 
 
 def test_select_algorithm():

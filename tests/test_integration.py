@@ -23,6 +23,7 @@ import convnorm_fx
 from convnorm_fx import ConvNorm2d, ConvNormConv2d, bypass, conv_norm2d
 from convnorm_fx.deploy import FrozenConvNorm2d, freeze
 from helpers import assert_close_scaled
+from tolerances import tolerance
 
 INPUT = (4, 3, 16, 16)
 
@@ -152,7 +153,7 @@ def _compiled_matches_eager(backend: str, norm: bool, bn: str | bool, tol: float
 def test_compile_aot_eager_train_and_eval_match_eager(norm, bn):
     """Dynamo + AOTAutograd (the graphs Inductor compiles) without code generation: fast enough
     for every run with one variant; ``fullgraph=True`` also fails on any graph break."""
-    _compiled_matches_eager("aot_eager", norm, bn, tol=1e-5)
+    _compiled_matches_eager("aot_eager", norm, bn, tol=tolerance(torch.float32) / 2)
 
 
 @pytest.mark.slow
@@ -161,7 +162,7 @@ def test_compile_aot_eager_train_and_eval_match_eager(norm, bn):
 )
 def test_compile_aot_eager_with_other_stage_options(options):
     """Buffer updates in training (running autocorrelation) and gradients through the spectrum."""
-    _compiled_matches_eager("aot_eager", True, "auto", 1e-5, **options)
+    _compiled_matches_eager("aot_eager", True, "auto", tolerance(torch.float32) / 2, **options)
 
 
 @pytest.mark.slow
@@ -171,7 +172,7 @@ def test_compile_inductor_train_and_eval_match_eager(norm, bn):
     sum in another order, hence the looser tolerance."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
-        _compiled_matches_eager("inductor", norm, bn, tol=5e-5)
+        _compiled_matches_eager("inductor", norm, bn, tol=2.5 * tolerance(torch.float32))
 
 
 # --------------------------------------------------------------------------------------
@@ -187,12 +188,12 @@ def test_export_eval_model_matches_eager():
     x2, _ = batch(seed=2, shape=(7, 3, 16, 16))
     module = program.module()
     with torch.no_grad():
-        assert_close_scaled(module(x2), model(x2), 1e-6)
+        assert_close_scaled(module(x2), model(x2), tolerance(torch.float32) / 20)
     # The spectrum is computed from the weights in the graph, not baked in as a constant.
     other = rewritten(seed=3).eval()
     module.load_state_dict(other.state_dict())
     with torch.no_grad():
-        assert_close_scaled(module(x2), other(x2), 1e-6)
+        assert_close_scaled(module(x2), other(x2), tolerance(torch.float32) / 20)
 
 
 def _onnxruntime_output(path: str, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +214,7 @@ def test_onnx_dynamo_export_of_eval_model_runs_in_onnxruntime(tmp_path):
         torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
     x2, _ = batch(seed=2)
     with torch.no_grad():
-        assert_close_scaled(_onnxruntime_output(path, x2), model(x2), 1e-5)
+        assert_close_scaled(_onnxruntime_output(path, x2), model(x2), tolerance(torch.float32) / 2)
 
 
 def test_frozen_model_exports_with_legacy_onnx_exporter(tmp_path):
@@ -235,7 +236,7 @@ def test_frozen_model_exports_with_legacy_onnx_exporter(tmp_path):
     assert "MatMul" in ops_used and not ops_used & {"DFT", "STFT"}
     x2, _ = batch(seed=2, shape=(6, 3, 16, 16))
     with torch.no_grad():
-        assert_close_scaled(_onnxruntime_output(path, x2), model(x2), 1e-5)
+        assert_close_scaled(_onnxruntime_output(path, x2), model(x2), tolerance(torch.float32) / 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,12 +263,12 @@ FREEZE_OPTIONS = [
 @pytest.mark.parametrize("geometry", FREEZE_GEOMETRIES, ids=lambda g: "-".join(f"{k}{v}" for k, v in g.items()))
 @pytest.mark.parametrize("options", FREEZE_OPTIONS, ids=lambda o: "-".join(o) or "plain")
 def test_freeze_matches_eval_model(geometry, options):
-    _check_freeze(geometry, options, torch.float32, 1e-5)
+    _check_freeze(geometry, options, torch.float32, tolerance(torch.float32) / 2)
 
 
 @pytest.mark.parametrize("geometry", FREEZE_GEOMETRIES[2:4], ids=["dilated", "even"])
 def test_freeze_matches_eval_model_in_float64(geometry):
-    _check_freeze(geometry, dict(bn=True, affine_init="default"), torch.float64, 1e-12)
+    _check_freeze(geometry, dict(bn=True, affine_init="default"), torch.float64, tolerance(torch.float64) / 100)
 
 
 def _check_freeze(geometry, options, dtype, tol):
@@ -304,9 +305,9 @@ def test_freeze_whole_model_and_weight_standardized_sites():
         stages = [m for m in frozen.modules() if isinstance(m, (ConvNorm2d, FrozenConvNorm2d))]
         assert stages and all(isinstance(m, FrozenConvNorm2d) for m in stages)
         with torch.no_grad():
-            assert_close_scaled(frozen(x), model(x), 1e-5)
+            assert_close_scaled(frozen(x), model(x), tolerance(torch.float32) / 2)
             # The batch size is free, the spatial size is not.
-            assert_close_scaled(frozen(x[:1]), model(x[:1]), 1e-5)
+            assert_close_scaled(frozen(x[:1]), model(x[:1]), tolerance(torch.float32) / 2)
             with pytest.raises(ValueError, match="freeze the model again"):
                 frozen(torch.randn(1, 3, 20, 20))
 
@@ -394,7 +395,7 @@ def test_float16_autocast_with_grad_scaler_on_cuda():
     # The trained model moved away from the reference; compare eval outputs of the same weights instead.
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert_close_scaled(half.float(), reference(x), 1e-2)
+        assert_close_scaled(half.float(), reference(x), tolerance(torch.float16))
 
 
 @pytest.mark.parametrize("norm, bn", VARIANTS)
