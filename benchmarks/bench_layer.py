@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as common  # noqa: E402
 from benchmarks.naive_convnorm import use_naive  # noqa: E402
-from convnorm_fx import ConvNormConv2d, dft, ops, pipeline, spectral  # noqa: E402
+from convnorm_fx import ConvNormConv2d, cost, dft, ops, pipeline, spectral  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,55 @@ def run_site(site: Site, args: argparse.Namespace, device: torch.device, dtype: 
         m.zero_grad(set_to_none=True)
     if not args.no_breakdown:
         record["breakdown_ms"] = _breakdown(site, x, probe, args.amp, args.repeats, args.warmup)
+        record["roofline"] = _roofline(site, x, record)
     return record
+
+
+#: Breakdown pieces and the operation counts (``cost.site_operations``) they perform.
+_PIECE_OPERATIONS = {
+    "full conv": ("full conv",),
+    "fft normalize": ("stage transform", "stage gain", "stage inverse"),
+    "spectrum": ("spectrum",),
+    "sp: kernel dft": ("sp: kernel dft",),
+    "sp: input dft": ("sp: input transform",),
+    "sp: products": ("sp: products",),
+    "sp: inverse": ("sp: inverse",),
+}
+_SPECTRAL_PIECES = ("sp: input transform", "sp: kernel dft", "sp: products", "sp: inverse")
+_DIRECT_PIECES = ("full conv", "stage transform", "stage gain", "stage inverse")
+
+
+def _roofline(site: Site, x: torch.Tensor, record: dict[str, Any]) -> dict[str, Any]:
+    """Multiply-adds, bytes, time and achieved rate of each piece next to the plain conv's, and
+    the site's lower bound: its operation count at the rate the plain conv achieves."""
+    weight_shape = (site.c_out, site.c_in // site.groups, site.kernel, site.kernel)
+    counts = cost.site_operations(x.shape, weight_shape, site.stride, 1, site.groups, x.element_size())
+    conv_seconds = record["forward_ms"]["conv"] / 1e3
+    conv_rate = counts["conv"].macs / conv_seconds  # multiply-adds per second
+    pieces = {}
+    for piece, names in _PIECE_OPERATIONS.items():
+        ms = record["breakdown_ms"].get(piece)
+        if ms is None:
+            continue
+        macs = sum(counts[n].macs for n in names)
+        pieces[piece] = {
+            "gmac": macs / 1e9,
+            "mb": sum(counts[n].bytes for n in names) / 2**20,
+            "ms": ms,
+            "gflops": 2 * macs / (ms / 1e3) / 1e9,
+        }
+    spectral_macs = sum(counts[n].macs for n in _SPECTRAL_PIECES)
+    direct_macs = sum(counts[n].macs for n in _DIRECT_PIECES)
+    bound_ms = min(spectral_macs, direct_macs) / conv_rate * 1e3 if site.kernel > 1 else record["forward_ms"]["conv"]
+    return {
+        "conv_gflops": 2 * conv_rate / 1e9,
+        "conv_gmac": counts["conv"].macs / 1e9,
+        "spectral_gmac": spectral_macs / 1e9,
+        "direct_gmac": direct_macs / 1e9,
+        "lower_bound_ms": bound_ms,
+        "convnorm_over_bound": record["forward_ms"]["convnorm"] / bound_ms,
+        "pieces": pieces,
+    }
 
 
 def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
@@ -249,6 +297,32 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
             pieces += [p for p in r["breakdown_ms"] if p not in pieces]
         rows = [[r["site"]["name"]] + [r["breakdown_ms"].get(p, "") for p in pieces] for r in records]
         lines += ["", "## ConvNorm forward pieces (ms, no grad)", "", common.markdown_table(["site"] + pieces, rows)]
+        header = [
+            "site", "conv GMAC", "conv GFLOP/s", "spectral GMAC", "direct GMAC", "lower bound ms", "convnorm ms",
+            "convnorm / bound",
+        ]  # fmt: skip
+        rows = []
+        for r in records:
+            roof = r["roofline"]
+            rows.append([
+                r["site"]["name"], roof["conv_gmac"], roof["conv_gflops"], roof["spectral_gmac"], roof["direct_gmac"],
+                roof["lower_bound_ms"], r["forward_ms"]["convnorm"], roof["convnorm_over_bound"],
+            ])  # fmt: skip
+        lines += [
+            "",
+            "## Roofline (eval forward)",
+            "",
+            "Lower bound: the cheaper algorithm's multiply-adds at the rate the plain conv achieves.",
+            "",
+            common.markdown_table(header, rows),
+        ]
+        header = ["site", "piece", "GMAC", "MB moved", "ms", "GFLOP/s", "conv GFLOP/s"]
+        rows = [
+            [r["site"]["name"], piece, p["gmac"], p["mb"], p["ms"], p["gflops"], r["roofline"]["conv_gflops"]]
+            for r in records
+            for piece, p in r["roofline"]["pieces"].items()
+        ]
+        lines += ["", "## Pieces against the conv's rate", "", common.markdown_table(header, rows)]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ choice only affects speed, never results.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from . import dft
 from .geometry import IntOrPair, pair
@@ -22,8 +22,10 @@ __all__ = [
     "DEPTHWISE_COST",
     "FFT_COST",
     "TYPICAL_BATCH",
+    "Operations",
     "select_algorithm",
     "site_costs",
+    "site_operations",
 ]
 
 
@@ -99,6 +101,70 @@ def site_costs(
     if training:
         spectral += 2 * x_transform + out_transform + kernel + 2 * products + 2 * pass_cost * c_out
     return direct, spectral
+
+
+class Operations(NamedTuple):
+    """What a piece of a site does: real multiply-adds, and bytes read and written."""
+
+    macs: float
+    bytes: float
+
+
+def site_operations(
+    input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
+    groups: int = 1, itemsize: int = 4,
+) -> dict[str, Operations]:
+    """Operation counts of one site's eval forward, piece by piece, for a roofline.
+
+    ``"conv"`` is the plain (strided) conv the site replaces. The spectral algorithm's pieces
+    are ``"sp: input transform"``, ``"sp: kernel dft"``, ``"sp: products"`` and ``"sp: inverse"``;
+    the direct algorithm's are ``"full conv"``, ``"stage transform"``, ``"stage gain"`` and
+    ``"stage inverse"``; ``"spectrum"`` is the preconditioner's (Gram matrices of the taps). A
+    complex multiply-add is 4 real ones; bytes count each tensor read or written once
+    (``itemsize`` per real number), an ideal that caches do not always reach.
+
+    Shape:
+        - input_shape: ``(N, C_in, H, W)``; weight_shape: ``(C_out, C_in / g, k_h, k_w)``
+    """
+    n, c_in, h, w = (int(v) for v in input_shape)
+    c_out, c_in_g, kh, kw = (int(v) for v in weight_shape)
+    dh, dw = pair(dilation, "dilation")
+    sh, sw = pair(stride, "stride")
+    mh, mw = h + dh * (kh - 1), w + dw * (kw - 1)
+    wf = mw // 2 + 1
+    freqs = mh * wf
+    out_h, out_w = (h + 2 * (kh // 2) * dh - dh * (kh - 1) - 1) // sh + 1, (w + 2 * (kw // 2) * dw - dw * (kw - 1) - 1) // sw + 1
+    kept_h, kept_w = min(h, -(-mh // sh)), min(w, -(-mw // sw))
+    real, cplx = itemsize, 2 * itemsize
+
+    def transform(batch: int, p: int, q: int) -> float:
+        """Real multiply-adds between ``p x q`` samples and the half plane (either direction)."""
+        if max(mh, mw) <= dft.DFT_MAX_GRID:
+            return batch * (p * q * 2 * wf + 4 * mh * p * wf)
+        return batch * 2.5 * mh * mw * math.log2(mh * mw)  # a radix-2 FFT's real multiply-adds
+
+    weight_bytes = c_out * c_in_g * kh * kw * real
+    return {
+        "conv": Operations(
+            n * c_out * c_in_g * kh * kw * out_h * out_w,
+            n * c_in * h * w * real + weight_bytes + n * c_out * out_h * out_w * real,
+        ),
+        "spectrum": Operations(c_out * c_in_g * (kh * kw) ** 2, weight_bytes + c_out * freqs * real),
+        "sp: input transform": Operations(transform(n * c_in, h, w), n * c_in * (h * w * real + freqs * cplx)),
+        "sp: kernel dft": Operations(4 * freqs * c_out * c_in_g * kh * kw, weight_bytes + freqs * c_out * c_in_g * cplx),
+        "sp: products": Operations(
+            4 * freqs * n * c_out * c_in_g, freqs * (n * c_in + c_out * c_in_g + n * c_out) * cplx
+        ),
+        "sp: inverse": Operations(transform(n * c_out, kept_h, kept_w), n * c_out * (freqs * cplx + out_h * out_w * real)),
+        "full conv": Operations(
+            n * c_out * c_in_g * kh * kw * mh * mw, n * c_in * h * w * real + weight_bytes + n * c_out * mh * mw * real
+        ),
+        "stage transform": Operations(transform(n * c_out, mh, mw), n * c_out * (mh * mw * real + freqs * cplx)),
+        "stage gain": Operations(4 * freqs * n * c_out, 2 * freqs * n * c_out * cplx),
+        "stage inverse": Operations(
+            transform(n * c_out, kept_h, kept_w), n * c_out * (freqs * cplx + out_h * out_w * real)
+        ),
+    }
 
 
 def _transform_cost(batch: int, p: int, q: int, mh: int, mw: int) -> float:
