@@ -777,3 +777,22 @@ class TrainingLoop(RuleBasedStateMachine):
 
 TrainingLoop.TestCase.settings = settings(max_examples=12, stateful_step_count=12, deadline=None)
 test_training_loop_state_machine = TrainingLoop.TestCase
+
+
+class TaggedConv(nn.Conv2d):
+    """A user's conv subclass that keeps nn.Conv2d's forward and adds a method."""
+
+    def describe(self) -> str:
+        return f"tagged {self.out_channels}"
+
+
+def test_a_conv_subclass_becomes_a_subclass_of_both_and_pickles():
+    torch.manual_seed(0)
+    model = apply(nn.Sequential(TaggedConv(3, 4, 3, padding=1), nn.ReLU()))
+    conv = model[0]
+    assert isinstance(conv, TaggedConv) and isinstance(conv, ConvNormConv2d) and conv.describe() == "tagged 4"
+    x = torch.randn(2, 3, 8, 8)
+    for other in (copy.deepcopy(model), _save_load(model)):
+        assert isinstance(other[0], TaggedConv) and isinstance(other[0], ConvNormConv2d)
+        assert type(other[0]) is type(conv)  # the same generated class, rebuilt from its recipe
+        torch.testing.assert_close(other(x), model(x))
