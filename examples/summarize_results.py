@@ -384,24 +384,28 @@ def verdict(diff: float, ci_low: float, paper_diff: float) -> str:
 
 
 def plot_curves(records: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """Validation accuracy per epoch: the mean over seeds and the band from the lowest to the highest seed."""
+    """Validation and training accuracy per epoch: the mean over seeds and the band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for variant in sorted(records, key=_order):
-        curves = [[row["val_acc"] for row in r["epochs"]] for r in records[variant]]
-        length = min(len(c) for c in curves)
-        epochs = list(range(1, length + 1))
-        columns = [[c[i] for c in curves] for i in range(length)]
-        mean = [statistics.mean(col) for col in columns]
-        line = ax.plot(epochs, mean, label=f"{variant} (n={len(curves)})")[0]
-        ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    panels = (("val_acc", "validation", "validation sample, after each epoch"),
+              ("train_acc", "training", "augmented training batches, during each epoch"))  # fmt: skip
+    for ax, (key, name, caption) in zip(axes, panels):
+        for variant in sorted(records, key=_order):
+            curves = [[row[key] for row in r["epochs"]] for r in records[variant]]
+            length = min(len(c) for c in curves)
+            epochs = list(range(1, length + 1))
+            columns = [[c[i] for c in curves] for i in range(length)]
+            line = ax.plot(epochs, [statistics.mean(col) for col in columns], label=f"{variant} (n={len(curves)})")[0]
+            ax.fill_between(epochs, [min(c) for c in columns], [max(c) for c in columns], color=line.get_color(),
+                            alpha=0.2)  # fmt: skip
+        ax.set(xlabel="epoch", ylabel=f"{name} accuracy (%)", title=caption)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
