@@ -1,20 +1,38 @@
-"""Small reference ConvNets used by the command line, the benchmarks and the examples.
+"""The CIFAR ConvNets of the paper's experiments (Liu et al. 2021, §4): one definition for the
+command line, the benchmarks and the examples.
 
-The CIFAR variants of ResNet-18 and VGG-16 the paper trains (Section 4): a 3x3 stride-1 stem
-without max pooling, for 32x32 inputs. ``norm=False`` builds the "vanilla" network without
-BatchNorm, the starting point of the paper's ``ConvNorm`` variant; ``norm=True`` the usual
-conv + BN network. ``width`` scales every channel count (reduced-scale runs).
+* :class:`CifarResNet` / :func:`cifar_resnet18`: ResNet-18 as adapted to 32x32 inputs (He et
+  al. 2016): a 3x3 stem conv with stride 1 and no max-pool, four stages of two basic blocks
+  (64, 128, 256, 512 channels, strides 1, 2, 2, 2), 1x1 strided convs on the shortcuts that
+  change shape, global average pooling and one linear layer.
+* :class:`CifarVGG` / :func:`cifar_vgg16`: VGG-16 (configuration "D"): thirteen 3x3 convs in
+  five blocks separated by 2x2 max-pools, then one linear layer.
+
+``norm=True`` puts ``BatchNorm2d`` after every conv (whose bias is then dropped);
+``norm=False`` builds the "vanilla" network, conv (with bias) -> ReLU, the starting point of
+the paper's ConvNorm variants. ``width`` scales every channel count (reduced-scale runs).
+Weights keep PyTorch's default initialization, as in the paper.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import Tensor, nn
 
-__all__ = ["cifar_resnet18", "cifar_vgg16", "CifarResNet", "BasicBlock"]
+__all__ = ["BasicBlock", "CifarResNet", "CifarVGG", "cifar_resnet18", "cifar_vgg16", "scaled"]
+
+_VGG16_CONFIG: Sequence[int | str] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)  # fmt: skip
 
 
-def _channels(base: int, width: float) -> int:
-    return max(1, int(round(base * width)))
+def scaled(channels: int, width: float) -> int:
+    """``channels * width`` rounded, at least 1."""
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    return max(1, int(round(channels * width)))
 
 
 def _norm(channels: int, norm: bool) -> nn.Module:
@@ -22,23 +40,30 @@ def _norm(channels: int, norm: bool) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (He et al. 2016)."""
+    """Two 3x3 convs with a residual connection (He et al. 2016).
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: bool) -> None:
+    Shape:
+        - input: ``(N, C_in, H, W)``
+        - output: ``(N, C_out, H // stride, W // stride)``
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=not norm)
         self.bn1 = _norm(c_out, norm)
+        self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=not norm)
         self.bn2 = _norm(c_out, norm)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu2 = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=not norm), _norm(c_out, norm))
+            conv = nn.Conv2d(c_in, c_out, 1, stride, bias=not norm)
+            self.shortcut = nn.Sequential(conv, nn.BatchNorm2d(c_out)) if norm else conv
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -47,11 +72,17 @@ class CifarResNet(nn.Module):
     Shape:
         - input: ``(N, 3, H, W)``
         - output: ``(N, num_classes)``
+
+    Example:
+        >>> CifarResNet(num_classes=10, width=0.25)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
 
-    def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, width: float = 1.0, norm: bool = True) -> None:
+    def __init__(
+        self, blocks: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 10, width: float = 1.0, norm: bool = True
+    ) -> None:
         super().__init__()
-        widths = [_channels(c, width) for c in (64, 128, 256, 512)]
+        widths = [scaled(c, width) for c in (64, 128, 256, 512)]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=not norm)
         self.bn1 = _norm(widths[0], norm)
         self.relu = nn.ReLU(inplace=True)
@@ -72,7 +103,38 @@ class CifarResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.pool(self.forward_features(x)).flatten(1))
+        return self.fc(torch.flatten(self.pool(self.forward_features(x)), 1))
+
+
+class CifarVGG(nn.Module):
+    """VGG for 32x32 inputs: 3x3 convs in pooled blocks (``features``) and one linear layer.
+
+    Shape:
+        - input: ``(N, 3, 32, 32)``
+        - output: ``(N, num_classes)``
+    """
+
+    def __init__(
+        self, config: Sequence[int | str] = _VGG16_CONFIG, num_classes: int = 10, width: float = 1.0, norm: bool = True
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for item in config:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            c_out = scaled(int(item), width)
+            layers.append(nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm))
+            if norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU(inplace=True))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def cifar_resnet18(num_classes: int = 10, width: float = 1.0, norm: bool = True) -> CifarResNet:
@@ -80,17 +142,6 @@ def cifar_resnet18(num_classes: int = 10, width: float = 1.0, norm: bool = True)
     return CifarResNet((2, 2, 2, 2), num_classes, width, norm)
 
 
-def cifar_vgg16(num_classes: int = 10, width: float = 1.0, norm: bool = True) -> nn.Sequential:
+def cifar_vgg16(num_classes: int = 10, width: float = 1.0, norm: bool = True) -> CifarVGG:
     """CIFAR VGG-16: thirteen 3x3 convs in five pooled stages and one linear classifier."""
-    config = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-    layers: list[nn.Module] = []
-    c_in = 3
-    for item in config:
-        if item == "M":
-            layers.append(nn.MaxPool2d(2))
-            continue
-        c_out = _channels(int(item), width)
-        layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not norm), _norm(c_out, norm), nn.ReLU(inplace=True)]
-        c_in = c_out
-    layers += [nn.Flatten(), nn.Linear(c_in, num_classes)]
-    return nn.Sequential(*layers)
+    return CifarVGG(_VGG16_CONFIG, num_classes, width, norm)
