@@ -244,7 +244,7 @@ def _roofline(site: Site, x: torch.Tensor, record: dict[str, Any]) -> dict[str, 
     """Multiply-adds, bytes, time and achieved rate of each piece next to the plain conv's, and
     the site's lower bound: its operation count at the rate the plain conv achieves."""
     weight_shape = (site.c_out, site.c_in // site.groups, site.kernel, site.kernel)
-    counts = cost.site_operations(x.shape, weight_shape, site.stride, 1, site.groups, x.element_size())
+    counts = cost.site_operations(x.shape, weight_shape, site.stride, site.padding, 1, site.groups, x.element_size())
     conv_seconds = record["forward_ms"]["conv"] / 1e3
     conv_rate = counts["conv"].macs / conv_seconds  # multiply-adds per second
     pieces = {}

@@ -181,7 +181,9 @@ class ConvNormCondConv2d(nn.Module):
         self.norm.reset_parameters()
 
     @classmethod
-    def from_cond_conv(cls, cond_conv: nn.Module, config: ConvNormConfig | None = None, **options: Any) -> "ConvNormCondConv2d":
+    def from_cond_conv(
+        cls, cond_conv: nn.Module, config: ConvNormConfig | None = None, **options: Any
+    ) -> "ConvNormCondConv2d":
         """Wrap a timm ``CondConv2d``, reusing its ``weight`` and ``bias`` Parameters.
 
         Args:

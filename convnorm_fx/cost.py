@@ -12,7 +12,7 @@ import math
 from typing import NamedTuple, Sequence
 
 from . import dft
-from .geometry import IntOrPair, pair
+from .geometry import IntOrPair, conv_output_size, pair
 from .spectral import kernel_by_fft
 
 
@@ -111,8 +111,8 @@ class Operations(NamedTuple):
 
 
 def site_operations(
-    input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
-    groups: int = 1, itemsize: int = 4,
+    input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, padding: IntOrPair = 0,
+    dilation: IntOrPair = 1, groups: int = 1, itemsize: int = 4,
 ) -> dict[str, Operations]:
     """Operation counts of one site's eval forward, piece by piece, for a roofline.
 
@@ -133,7 +133,8 @@ def site_operations(
     mh, mw = h + dh * (kh - 1), w + dw * (kw - 1)
     wf = mw // 2 + 1
     freqs = mh * wf
-    out_h, out_w = (h + 2 * (kh // 2) * dh - dh * (kh - 1) - 1) // sh + 1, (w + 2 * (kw // 2) * dw - dw * (kw - 1) - 1) // sw + 1
+    ph, pw = pair(padding, "padding")
+    out_h, out_w = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, ph, pw, pw), (dh, dw))
     kept_h, kept_w = min(h, -(-mh // sh)), min(w, -(-mw // sw))
     real, cplx = itemsize, 2 * itemsize
 
@@ -151,11 +152,15 @@ def site_operations(
         ),
         "spectrum": Operations(c_out * c_in_g * (kh * kw) ** 2, weight_bytes + c_out * freqs * real),
         "sp: input transform": Operations(transform(n * c_in, h, w), n * c_in * (h * w * real + freqs * cplx)),
-        "sp: kernel dft": Operations(4 * freqs * c_out * c_in_g * kh * kw, weight_bytes + freqs * c_out * c_in_g * cplx),
+        "sp: kernel dft": Operations(
+            4 * freqs * c_out * c_in_g * kh * kw, weight_bytes + freqs * c_out * c_in_g * cplx
+        ),
         "sp: products": Operations(
             4 * freqs * n * c_out * c_in_g, freqs * (n * c_in + c_out * c_in_g + n * c_out) * cplx
         ),
-        "sp: inverse": Operations(transform(n * c_out, kept_h, kept_w), n * c_out * (freqs * cplx + out_h * out_w * real)),
+        "sp: inverse": Operations(
+            transform(n * c_out, kept_h, kept_w), n * c_out * (freqs * cplx + out_h * out_w * real)
+        ),
         "full conv": Operations(
             n * c_out * c_in_g * kh * kw * mh * mw, n * c_in * h * w * real + weight_bytes + n * c_out * mh * mw * real
         ),

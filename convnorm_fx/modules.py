@@ -24,7 +24,16 @@ from .geometry import IntOrPair, PaddingArg, pair
 from .precision import autocast_disabled, compute_dtype, spectrum_dtype
 from .config import ConvNormConfig, stage_config
 
-__all__ = ["ConvNorm2d", "ConvNormConv2d", "FeedingConv", "bypass", "check_stage_arguments", "finish_stage_call", "refuse_torchscript", "stage_forward"]
+__all__ = [
+    "ConvNorm2d",
+    "ConvNormConv2d",
+    "FeedingConv",
+    "bypass",
+    "check_stage_arguments",
+    "finish_stage_call",
+    "refuse_torchscript",
+    "stage_forward",
+]
 
 
 
@@ -462,7 +471,9 @@ class ConvNorm2d(FeedingConv, nn.Module):
         return out
 
 
-def finish_stage_call(stage: nn.Module, y: Tensor, weight: Tensor, bias: Tensor | None, inv_sqrt: Tensor | None) -> Tensor:
+def finish_stage_call(
+    stage: nn.Module, y: Tensor, weight: Tensor, bias: Tensor | None, inv_sqrt: Tensor | None
+) -> Tensor:
     """What a stage does once its preconditioner's DFT ``inv_sqrt`` is known (``None``: bypass):
     :func:`convnorm_fx.ops.conv_norm_stage` with the stage's geometry and affine transform,
     then its BatchNorm. Shared by :class:`ConvNorm2d` and the frozen stage of
@@ -491,7 +502,8 @@ class ConvNormConv2d(nn.Conv2d):
     """``nn.Conv2d`` with ConvNorm built in: a drop-in replacement.
 
     The constructor takes ``nn.Conv2d``'s arguments plus the ConvNorm options of
-    :class:`ConvNorm2d` (``config=``, or options such as ``eps=1e-3``); ``weight`` and ``bias`` keep their names, so ``nn.Conv2d``
+    :class:`ConvNorm2d` (``config=``, or options such as ``eps=1e-3``); ``weight`` and ``bias``
+    keep their names, so ``nn.Conv2d``
     checkpoints load (the stage's affine and BN parameters are then reported missing).
     The forward pass is: pad (non-zero padding modes) -> conv feeding the stage (the full
     conv, or the strided conv for 1x1) -> :class:`ConvNorm2d` (``self.norm``), run as one

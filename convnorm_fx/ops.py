@@ -208,7 +208,9 @@ def conv_norm_stage(
             out = SpectralStage.apply(y, affine_weight, inv_sqrt.detach(), plan)
             shift = _sum_optional(affine_bias, bias)
             return out if shift is None else out + shift.to(out.dtype).reshape(1, -1, 1, 1)
-    return stage_step_by_step(y, kernel_size, stride_hw, padding, dilation_hw, bias, inv_sqrt, affine_weight, affine_bias)
+    return stage_step_by_step(
+        y, kernel_size, stride_hw, padding, dilation_hw, bias, inv_sqrt, affine_weight, affine_bias
+    )
 
 
 def resolve_algorithm(

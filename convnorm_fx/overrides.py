@@ -44,7 +44,9 @@ def compile_overrides(overrides: Any, base: ConvNormConfig) -> list[Override]:
     if overrides is None:
         return []
     if not isinstance(overrides, Mapping):
-        raise TypeError(f"overrides must be a dict {{site name or regex: None, {{option: value}} or ConvNormConfig}}, got {overrides!r}")
+        raise TypeError(
+            f"overrides must be a dict {{site name or regex: None, {{option: value}} or ConvNormConfig}}, got {overrides!r}"
+        )
     compiled = []
     for key, value in overrides.items():
         if not isinstance(key, str):
@@ -101,7 +103,8 @@ def check_unmatched(overrides: list[Override], sites: list[ConvSite], policy: st
         f"overrides key {unmatched[0]!r} matches no conv site"
         + (f" (nor do {unmatched[1:]!r})" if len(unmatched) > 1 else "")
         + (f"; closest site names: {', '.join(close)}" if close else "")
-        + ". Site names are those of rewrite_report(model); pass unmatched_overrides='ignore' to allow keys that match nothing"
+        + ". Site names are those of rewrite_report(model); pass unmatched_overrides='ignore' to allow keys "
+        "that match nothing"
     )
     if policy == "error":
         raise ValueError(message)

@@ -155,7 +155,7 @@ class Planner:
         if isinstance(owner, nn.Conv2d):
             self._seen.add(id(owner))
         name = f"{join(prefix, owner_rel)}#conv2d" + (f"_{index}" if index else "")
-        site = ConvSite(name=name, kind="function", conv_class=type(owner).__name__, action=SiteAction.SKIPPED, reason="")
+        site = ConvSite(name, "function", type(owner).__name__, SiteAction.SKIPPED, "")
         kind = function_kind(node)
         planned = PlannedSite(site=site, module=owner, kind=kind, function_index=index)
         kind.describe(planned, node, root, prefix)
@@ -164,7 +164,9 @@ class Planner:
             planned.pooled_input = reads_pooled_map(node, root)
         self._record(planned)
 
-    def _add_module_site(self, module: nn.Module, fqn: str, action: SiteAction, reason: str, followed: str | None) -> None:
+    def _add_module_site(
+        self, module: nn.Module, fqn: str, action: SiteAction, reason: str, followed: str | None
+    ) -> None:
         """List a conv module: as already rewritten, as out of scope, or with ``action``."""
         self._seen.add(id(module))
         kind = rewritten_kind(module)

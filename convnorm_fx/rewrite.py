@@ -105,7 +105,9 @@ def _check_supported(model: nn.Module) -> None:
         kind = wrapper_kind(module)
         if kind is not None:
             where = f" at '{name}'" if name else ""
-            raise TypeError(f"convnorm_fx.apply got a model wrapped in {kind}{where}: {_WRAPPER_ADVICE[kind]}. Nothing was changed.")
+            raise TypeError(
+                f"convnorm_fx.apply got a model wrapped in {kind}{where}: {_WRAPPER_ADVICE[kind]}. Nothing was changed."
+            )
         if isinstance(module, nn.Conv2d) and isinstance(module, nn.modules.lazy.LazyModuleMixin):
             if module.has_uninitialized_params():
                 raise ValueError(
@@ -163,12 +165,15 @@ def _base_config(config: ConvNormConfig | None, options: Mapping[str, Any]) -> C
 # --------------------------------------------------------------------------------------
 
 
-def _select(planned: PlannedSite, base: ConvNormConfig, filter_fn: FilterFn | None, overrides: list[Override]) -> ConvNormConfig | None:
+def _select(
+    planned: PlannedSite, base: ConvNormConfig, filter_fn: FilterFn | None, overrides: list[Override]
+) -> ConvNormConfig | None:
     """The site's options, or ``None`` where ``filter_fn`` or an override leaves it as it is."""
     site = planned.site
     names = site_names(site)
     for candidate in overrides:  # a key matches a site even where another key takes precedence
-        candidate.matched = candidate.matched or candidate.key in names or any(candidate.pattern.fullmatch(n) for n in names)
+        matches = candidate.key in names or any(candidate.pattern.fullmatch(n) for n in names)
+        candidate.matched = candidate.matched or matches
     override = matching_override(site, overrides)
     if filter_fn is not None and not filter_fn(planned.module, site.name):
         site.action, site.reason = SiteAction.SKIPPED, "excluded by filter_fn"
@@ -228,9 +233,9 @@ def _prepare(
 # --------------------------------------------------------------------------------------
 
 # fmt: off
-def apply(model: nn.Module, config: ConvNormConfig | None = None, *, overrides: Overrides | None = None, unmatched_overrides: str = "error",
-          filter_fn: FilterFn | None = None, inplace: bool = False, strict: bool = False, graph_module: bool = False,
-          tracer_options: Mapping[str, Any] | None = None, **options: Any) -> nn.Module:
+def apply(model: nn.Module, config: ConvNormConfig | None = None, *, overrides: Overrides | None = None,
+          unmatched_overrides: str = "error", filter_fn: FilterFn | None = None, inplace: bool = False, strict: bool = False,
+          graph_module: bool = False, tracer_options: Mapping[str, Any] | None = None, **options: Any) -> nn.Module:
     # fmt: on
     """Rewrite every 2-D convolution of ``model`` into conv -> ConvNorm -> crop/stride -> (BN).
 
@@ -299,7 +304,9 @@ def apply(model: nn.Module, config: ConvNormConfig | None = None, *, overrides: 
     check_unmatched(compiled_overrides, report.sites, unmatched_overrides)
     if not report.sites:
         warnings.warn(f"{type(target).__name__} has no 2-D convolution: nothing to rewrite", stacklevel=2)
-    left_out = [s for s in report.sites if s.action == SiteAction.SKIPPED and s.learned and not s.reason.startswith("excluded")]
+    left_out = [
+        s for s in report.sites if s.action == SiteAction.SKIPPED and s.learned and not s.reason.startswith("excluded")
+    ]
     if strict and left_out:
         lines = "\n".join(f"  {s.name}: {s.reason}" for s in left_out)
         raise RewriteError(f"{len(left_out)} conv site(s) were not rewritten (strict=True):\n{lines}")

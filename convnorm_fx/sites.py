@@ -228,7 +228,8 @@ class FunctionalConvKind:
         geometry = {key: args[key] for key in ("stride", "padding", "dilation", "groups")}
         site.action, site.reason = SiteAction.SKIPPED, ""
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(root.get_submodule(users[0].target), ConvNorm2d):
+        stage_follows = len(users) == 1 and users[0].op == "call_module"
+        if stage_follows and isinstance(root.get_submodule(users[0].target), ConvNorm2d):
             site.action, site.reason = SiteAction.ALREADY, "followed by a ConvNorm2d stage"
         elif any(isinstance(v, fx.Node) for v in geometry.values()):
             site.reason = "stride/padding/dilation/groups are computed from the input (dynamic geometry)"
@@ -268,11 +269,14 @@ class FunctionalConvKind:
         stages: dict[str, ConvNorm2d] = {}
         for planned, config in sites:
             if planned.function_index >= len(own_calls):
-                raise ValueError(f"could not find {planned.site.name} again when rewriting it; please report this model")
+                raise ValueError(
+                    f"could not find {planned.site.name} again when rewriting it; please report this model"
+                )
             node = own_calls[planned.function_index]
             stage = _stage_for_call(planned, conv_args(node), config)
             stage.train(owner.training)
-            name = _free_name(owner, stages, "convnorm" if planned.function_index == 0 else f"convnorm_{planned.function_index}")
+            index = planned.function_index
+            name = _free_name(owner, stages, "convnorm" if index == 0 else f"convnorm_{index}")
             stages[name] = stage
             _replace_call(graph, node, name, stage)
         graph.lint()
@@ -304,7 +308,9 @@ def _record_geometry(planned: PlannedSite, geometry: Mapping[str, Any]) -> None:
         value = geometry[key]
         setattr(site, key, None if isinstance(value, fx.Node) else pair(value, key))
     padding = geometry["padding"]
-    site.padding = None if isinstance(padding, fx.Node) else padding if isinstance(padding, str) else pair(padding, "padding")
+    if not isinstance(padding, (fx.Node, str)):
+        padding = pair(padding, "padding")
+    site.padding = None if isinstance(padding, fx.Node) else padding
     site.groups = None if isinstance(geometry["groups"], fx.Node) else int(geometry["groups"])
     site.padding_mode = "zeros"
 
@@ -332,7 +338,10 @@ def _replace_call(graph: fx.Graph, node: fx.Node, stage_name: str, stage: ConvNo
     with graph.inserting_before(node):
         full = graph.call_function(
             F.conv2d,
-            (args["input"], args["weight"], None, stage.feeding_stride, stage.feeding_padding, stage.dilation, stage.groups),
+            (
+                args["input"], args["weight"], None, stage.feeding_stride, stage.feeding_padding, stage.dilation,
+                stage.groups,
+            ),
         )
         out = graph.call_module(stage_name, (full, args["weight"], args["bias"]))
     node.replace_all_uses_with(out)

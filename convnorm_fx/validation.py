@@ -70,7 +70,9 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
 def check_module_classes(name: str, value: Any) -> tuple[type, ...]:
     """A tuple of ``nn.Module`` subclasses from a sequence of them."""
     if isinstance(value, type):
-        raise TypeError(f"{name} must be a sequence of nn.Module classes, got the class {value.__name__} itself: pass [{value.__name__}]")
+        raise TypeError(
+            f"{name} must be a sequence of nn.Module classes, got the class {value.__name__} itself: pass [{value.__name__}]"
+        )
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a sequence of nn.Module classes, got {value!r}")
     classes = tuple(value)
@@ -83,7 +85,8 @@ def check_module_classes(name: str, value: Any) -> tuple[type, ...]:
 def check_callables(name: str, value: Any) -> tuple[Callable[..., Any], ...]:
     """A tuple of callables from a sequence of them."""
     if callable(value) or isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a sequence of functions, got {value!r}: pass [{getattr(value, '__name__', value)}]")
+        name_hint = getattr(value, "__name__", value)
+        raise TypeError(f"{name} must be a sequence of functions, got {value!r}: pass [{name_hint}]")
     functions = tuple(value)
     for fn in functions:
         if not callable(fn):
