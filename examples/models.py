@@ -14,154 +14,38 @@ The architectures are written plainly and carry **no normalization layer** (the 
   divided by its largest singular value from one power iteration per step), no BatchNorm: the
   SN baseline of Table 4 and Figure 4. The final linear layer is left as it is.
 
-Backbones:
+The backbones are the package's (:mod:`convnorm_fx.models`), built with ``norm=False``:
 
-* :class:`ResNet18` - the CIFAR ResNet-18 (He et al. 2016 as adapted to 32x32 inputs): a 3x3
-  stem conv with stride 1 and no max-pool, four stages of two basic blocks
-  (64, 128, 256, 512 channels, strides 1, 2, 2, 2), 1x1 strided convs on the shortcuts
-  that change shape, global average pooling and one linear layer.
-* :class:`VGG16` - the CIFAR VGG-16 (configuration "D"): thirteen 3x3 convs in five blocks
-  separated by 2x2 max-pools, then one linear layer on the 1x1x512 feature map.
+* ``resnet18`` - :func:`convnorm_fx.models.cifar_resnet18`, the CIFAR ResNet-18 (3x3 stem with
+  stride 1, no max-pool, 1x1 strided convs on the shortcuts that change shape);
+* ``vgg16`` - :func:`convnorm_fx.models.cifar_vgg16`, the CIFAR VGG-16 (configuration "D",
+  one linear layer).
 
 ``width`` multiplies every channel count, for reduced-scale runs (``width=0.25`` gives a
 ResNet-18 with 16, 32, 64, 128 channels). Weights keep PyTorch's default initialization,
-as in the paper (§4: "the default initialization in PyTorch for all networks").
+as in the paper (§4: "the default initialization in PyTorch for all networks"). ``bn`` is
+built from the vanilla network (rather than with ``norm=True``) so that every variant starts
+from the same conv weights for the same seed.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 try:
     import convnorm_fx
 except ModuleNotFoundError:  # a checkout without `pip install -e .`: use the package next door
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import convnorm_fx
+from convnorm_fx.models import BasicBlock, cifar_resnet18, cifar_vgg16
 
-__all__ = ["ARCHS", "VARIANTS", "ResNet18", "VGG16", "add_batchnorm", "add_spectral_norm", "build_model", "scaled"]
+__all__ = ["ARCHS", "VARIANTS", "BasicBlock", "ConvBN", "add_batchnorm", "add_spectral_norm", "build_model"]
 
 ARCHS = ("resnet18", "vgg16")
 VARIANTS = ("vanilla", "bn", "convnorm", "convnorm_bn", "sn")
-
-_VGG16_CONFIG: Sequence[int | str] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
-)  # fmt: skip
-
-
-def scaled(channels: int, width: float) -> int:
-    """``channels * width`` rounded, at least 1.
-
-    Args:
-        channels: channel count of the full-width network.
-        width: channel multiplier (> 0).
-
-    Returns:
-        The channel count of the scaled network.
-    """
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width!r}")
-    return max(1, int(round(channels * width)))
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (no normalization).
-
-    Shape:
-        - input: ``(N, C_in, H, W)``
-        - output: ``(N, C_out, H // stride, W // stride)``
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
-        self.relu2 = nn.ReLU(inplace=True)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = nn.Conv2d(in_channels, out_channels, 1, stride=stride)
-        else:
-            self.shortcut = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu1(self.conv1(x))
-        out = self.conv2(out)
-        return self.relu2(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18 without normalization layers.
-
-    Args:
-        num_classes: number of output classes.
-        width: channel multiplier (1.0 is the paper's network, 11.2 M parameters).
-
-    Shape:
-        - input: ``(N, 3, H, W)`` (32x32 for CIFAR)
-        - output: ``(N, num_classes)``
-
-    Example:
-        >>> ResNet18(10, width=0.25)(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
-        super().__init__()
-        widths = [scaled(c, width) for c in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1)
-        self.relu = nn.ReLU(inplace=True)
-        layers, in_channels = [], widths[0]
-        for index, (channels, stride) in enumerate(zip(widths, (1, 2, 2, 2))):
-            blocks = [BasicBlock(in_channels, channels, stride), BasicBlock(channels, channels, 1)]
-            layers.append((f"layer{index + 1}", nn.Sequential(*blocks)))
-            in_channels = channels
-        for name, layer in layers:
-            self.add_module(name, layer)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu(self.conv1(x))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-class VGG16(nn.Module):
-    """CIFAR VGG-16 without normalization layers.
-
-    Args:
-        num_classes: number of output classes.
-        width: channel multiplier.
-
-    Shape:
-        - input: ``(N, 3, 32, 32)``
-        - output: ``(N, num_classes)``
-
-    Example:
-        >>> VGG16(10, width=0.25)(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
-
-    def __init__(self, num_classes: int = 10, width: float = 1.0) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_channels = 3
-        for item in _VGG16_CONFIG:
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                channels = scaled(int(item), width)
-                layers += [nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
-                in_channels = channels
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 class ConvBN(nn.Sequential):
@@ -241,7 +125,8 @@ def build_model(
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    model: nn.Module = ResNet18(num_classes, width) if arch == "resnet18" else VGG16(num_classes, width)
+    backbone = cifar_resnet18 if arch == "resnet18" else cifar_vgg16
+    model: nn.Module = backbone(num_classes, width, norm=False)
     if variant == "bn":
         return add_batchnorm(model)
     if variant == "sn":
