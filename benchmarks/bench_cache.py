@@ -57,19 +57,19 @@ def _recorded_spectrum_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[Co
     calls = []
     stages = [m for m in model.modules() if isinstance(m, ConvNorm2d)]
     for stage in stages:
-        original = stage.spectrum
+        original = stage.preconditioner
 
         def record(weight, grid, stage=stage, original=original):
             calls.append((stage, weight.detach(), grid))
             return original(weight, grid)
 
-        stage.spectrum = record  # an instance attribute, removed below
+        stage.preconditioner = record  # an instance attribute, removed below
     try:
         with torch.no_grad():
             model(x)
     finally:
         for stage in stages:
-            del stage.spectrum
+            del stage.preconditioner
     return calls
 
 
@@ -83,16 +83,16 @@ def measure(name: str, builder: Callable[[], nn.Module], shape: tuple[int, ...],
     uncached = convnorm_fx.apply(builder()).eval()
     for stage in uncached.modules():
         if isinstance(stage, ConvNorm2d):
-            stage.spectrum = lambda weight, grid, stage=stage: stage.compute_spectrum(weight, grid)
+            stage.preconditioner = lambda weight, grid, stage=stage: stage.compute_preconditioner(weight, grid)
     uncached.load_state_dict(model.state_dict())
 
     def checks() -> None:  # every stage's cache hit: the value check, and nothing else
         for stage, weight, grid in calls:
-            stage.spectrum(weight, grid)
+            stage.preconditioner(weight, grid)
 
     def spectra() -> None:
         for stage, weight, grid in calls:
-            stage.compute_spectrum(weight, grid)
+            stage.compute_preconditioner(weight, grid)
 
     def eval_cached() -> None:
         with torch.no_grad():

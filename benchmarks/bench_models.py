@@ -97,7 +97,7 @@ def _disable_eval_cache(model: nn.Module) -> None:
     """Recompute every stage's spectrum on every call, in eval mode too (cache ablation)."""
     for module in model.modules():
         if isinstance(module, ConvNorm2d):
-            module.spectrum = lambda weight, grid, stage=module: stage.compute_spectrum(weight, grid)
+            module.preconditioner = lambda weight, grid, stage=module: stage.compute_preconditioner(weight, grid)
 
 
 def build_variant(name: str, variant: str, device: torch.device, dtype: torch.dtype, channels_last: bool) -> nn.Module:

@@ -144,7 +144,7 @@ def _power_by_dft(weight: Tensor, grid: tuple[int, int], dilation: tuple[int, in
 
 @torch.no_grad()
 def _tight_frame_error(stage: ConvNorm2d, weight: Tensor, grid: tuple[int, int]) -> float:
-    v = stage.spectrum(weight, grid).to(torch.float64)
+    v = stage.preconditioner(weight, grid).to(torch.float64)
     power = _power_by_dft(weight, grid, stage.dilation)
     if v.shape != power.shape:  # a 1x1 stage keeps one value per channel
         v = v.reshape(power.shape[0], 1, 1).expand_as(power)

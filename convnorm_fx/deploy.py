@@ -92,10 +92,10 @@ class FrozenConvNorm2d(FeedingConv, nn.Module):
         was_training = stage.training
         stage.eval()
         with torch.no_grad():
-            inv_sqrt = stage.spectrum(weight.detach(), self.grid)  # (C, M_h, M_w // 2 + 1)
+            inv_sqrt = stage.preconditioner(weight.detach(), self.grid)  # (C, M_h, M_w // 2 + 1)
         stage.train(was_training)
         compute = compute_dtype(weight.dtype)
-        self.register_buffer("spectrum", inv_sqrt.detach().to(compute).clone())
+        self.register_buffer("preconditioner", inv_sqrt.detach().to(compute).clone())
         if self.kernel_size != (1, 1):
             mh, mw = self.grid
             half = mw // 2 + 1
@@ -112,6 +112,13 @@ class FrozenConvNorm2d(FeedingConv, nn.Module):
             self.register_buffer("inverse_sin_w", sin_w * scale, persistent=False)
         self.train(was_training)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # Frozen models saved by 0.1 named the preconditioner's DFT "spectrum".
+        old_key = prefix + "spectrum"
+        if old_key in state_dict and prefix + "preconditioner" not in state_dict:
+            state_dict[prefix + "preconditioner"] = state_dict.pop(old_key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -119,14 +126,14 @@ class FrozenConvNorm2d(FeedingConv, nn.Module):
         )
 
     def _filter(self, y: Tensor) -> Tensor:
-        """``irfft2(rfft2(y) * spectrum)`` as real matrix products."""
-        compute = self.spectrum.dtype
+        """``irfft2(rfft2(y) * preconditioner)`` as real matrix products."""
+        compute = self.preconditioner.dtype
         z = y.to(compute)
         # Forward DFT, w on the half plane then h: Y = (C_h - i S_h) z (C_w - i S_w)^T.
         a = z @ self.cos_w.T  # (N, C, M_h, K)
         b = z @ self.sin_w.T  # (N, C, M_h, K)
-        real = (self.cos_h @ a - self.sin_h @ b) * self.spectrum
-        imag = (self.cos_h @ b + self.sin_h @ a) * -self.spectrum
+        real = (self.cos_h @ a - self.sin_h @ b) * self.preconditioner
+        imag = (self.cos_h @ b + self.sin_h @ a) * -self.preconditioner
         # Inverse along h: (C_h + i S_h) (real + i imag); then the real inverse along w.
         a = self.cos_h @ real - self.sin_h @ imag
         b = self.cos_h @ imag + self.sin_h @ real
@@ -136,7 +143,7 @@ class FrozenConvNorm2d(FeedingConv, nn.Module):
     def forward(self, y: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         check_stage_arguments(self, weight, y)
         if self.kernel_size == (1, 1):
-            return finish_stage_call(self, y, weight, bias, self.spectrum if self.normalize else None)
+            return finish_stage_call(self, y, weight, bias, self.preconditioner if self.normalize else None)
         if tuple(y.shape[-2:]) != self.grid:
             raise ValueError(
                 f"this stage was frozen for a conv output of spatial size {self.grid}, got {tuple(y.shape[-2:])}; "

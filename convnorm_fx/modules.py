@@ -59,7 +59,7 @@ def check_stage_arguments(stage: nn.Module, weight: Tensor, y: Tensor | None = N
         raise ValueError(f"expected a conv output (N, {stage.num_channels}, H, W), got shape {tuple(y.shape)}")
 
 
-class _SpectrumCache(NamedTuple):
+class _PreconditionerCache(NamedTuple):
     """The eval-mode spectrum and what it was computed from."""
 
     key: tuple[Any, ...]  # grid, weight shape, dtype and device, eps, dilation
@@ -152,7 +152,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
             * ``stop_gradient``: treat the preconditioner as a constant in backward (§3.3);
             * ``eval_spectrum``: ``'cache'`` (default) computes the spectrum of the current
               weight and reuses it in eval mode while the weight's *values* and the input size
-              are unchanged (see :meth:`spectrum`; never saved in ``state_dict``).
+              are unchanged (see :meth:`preconditioner`; never saved in ``state_dict``).
               ``'running'`` keeps an exponential running average of the kernel
               autocorrelation (a buffer of ``(2 k_h - 1) x (2 k_w - 1)`` lags per channel)
               during training and uses it in eval mode; it is valid at any input size;
@@ -242,7 +242,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
         else:
             self.register_buffer("running_autocorrelation", None)
         self.bn = nn.BatchNorm2d(num_channels, **factory) if config.bn else None
-        self._spectrum_cache: _SpectrumCache | None = None
+        self._preconditioner_cache: _PreconditionerCache | None = None
         self.reset_parameters()
 
     @property
@@ -282,7 +282,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
                 self.running_autocorrelation[:, self.kernel_size[0] - 1, self.kernel_size[1] - 1] = 1.0
         if self.bn is not None:
             self.bn.reset_parameters()
-        self._spectrum_cache = None
+        self._preconditioner_cache = None
 
     def extra_repr(self) -> str:
         parts = [
@@ -309,11 +309,11 @@ class ConvNorm2d(FeedingConv, nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__().copy()
-        state["_spectrum_cache"] = None  # derived data: copies and checkpoints stay small
+        state["_preconditioner_cache"] = None  # derived data: copies and checkpoints stay small
         return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "ConvNorm2d":
-        self._spectrum_cache = None  # device or dtype may change
+        self._preconditioner_cache = None  # device or dtype may change
         return super()._apply(fn, recurse)
 
     # -- spectrum --------------------------------------------------------------------
@@ -323,11 +323,11 @@ class ConvNorm2d(FeedingConv, nn.Module):
             return 1, 1  # flat spectrum: one frequency is enough
         return int(y.shape[-2]), int(y.shape[-1])
 
-    def compute_spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+    def compute_preconditioner(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
         """``(S_k + eps)^{-1/2}`` of ``weight`` on ``grid``, computed afresh (no cache, no running average)."""
         return ops.preconditioner_spectrum(weight, grid, self.dilation, self.eps, self.stop_gradient)
 
-    def _running_spectrum(self, grid: tuple[int, int]) -> Tensor:
+    def _running_preconditioner(self, grid: tuple[int, int]) -> Tensor:
         lags = self.running_autocorrelation
         with autocast_disabled(lags.device):
             power = ops.power_spectrum_from_autocorrelation(lags.to(spectrum_dtype(lags.device)), grid, self.dilation)
@@ -338,7 +338,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
         current = ops.kernel_autocorrelation(weight.detach().to(spectrum_dtype(weight.device)))
         self.running_autocorrelation.lerp_(current.to(self.running_autocorrelation.dtype), self.momentum)
 
-    def spectrum(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
+    def preconditioner(self, weight: Tensor, grid: tuple[int, int]) -> Tensor:
         """The preconditioner's DFT ``(S_k + eps)^{-1/2}`` for ``weight`` on ``grid``.
 
         In training mode it is computed from ``weight`` (and the running average is updated
@@ -362,20 +362,20 @@ class ConvNorm2d(FeedingConv, nn.Module):
         if self.training:
             if self.running_autocorrelation is not None:
                 self._update_running(weight)
-            return self.compute_spectrum(weight, grid)
+            return self.compute_preconditioner(weight, grid)
         if self.running_autocorrelation is not None:
-            return self._running_spectrum(grid)
+            return self._running_preconditioner(grid)
         needs_graph = not self.stop_gradient and torch.is_grad_enabled() and weight.requires_grad
         if needs_graph or torch.compiler.is_compiling() or not _cacheable(weight):
-            return self.compute_spectrum(weight, grid)
+            return self.compute_preconditioner(weight, grid)
         key = (grid, tuple(weight.shape), weight.dtype, weight.device, self.eps, self.dilation)
-        cache = self._spectrum_cache
+        cache = self._preconditioner_cache
         if cache is not None and cache.key == key and torch.equal(cache.weight, weight):
             return cache.inv_sqrt
         with torch.inference_mode(False), torch.no_grad():
             snapshot = weight.detach().clone()
-            inv_sqrt = self.compute_spectrum(snapshot, grid)
-        self._spectrum_cache = _SpectrumCache(key, snapshot, inv_sqrt)
+            inv_sqrt = self.compute_preconditioner(snapshot, grid)
+        self._preconditioner_cache = _PreconditionerCache(key, snapshot, inv_sqrt)
         return inv_sqrt
 
     # -- finiteness checks ------------------------------------------------------------
@@ -415,7 +415,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
             self.require_finite("weight", weight)
             self.require_finite("conv output", y)
         normalize = not self.bypassed
-        inv_sqrt = self.spectrum(weight, self._spectrum_grid(y)) if normalize else None
+        inv_sqrt = self.preconditioner(weight, self._spectrum_grid(y)) if normalize else None
         out = finish_stage_call(self, y, weight, bias, inv_sqrt)
         if checking:
             self.require_finite("output", out)
@@ -461,7 +461,7 @@ class ConvNorm2d(FeedingConv, nn.Module):
             self.stop_gradient,
             self.affine_weight,
             self.affine_bias,
-            self.spectrum(weight, grid),
+            self.preconditioner(weight, grid),
             self.algorithm,
         )
         if self.bn is not None:

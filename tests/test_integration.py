@@ -312,6 +312,20 @@ def test_freeze_whole_model_and_weight_standardized_sites():
                 frozen(torch.randn(1, 3, 20, 20))
 
 
+def test_frozen_state_dict_round_trip_and_the_earlier_buffer_name():
+    """A frozen model's state dict reloads; one saved when the buffer was called ``spectrum`` too."""
+    x, _ = batch()
+    frozen = freeze(rewritten().eval(), x)
+    state = frozen.state_dict()
+    keys = [k for k in state if k.endswith(".preconditioner")]
+    assert keys and not any(k.endswith(".spectrum") for k in state)
+    old = {(k[: -len("preconditioner")] + "spectrum" if k in keys else k): v for k, v in state.items()}
+    target = freeze(rewritten(seed=1).eval(), x)  # other weights, other preconditioners
+    target.load_state_dict(old)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), frozen(x), rtol=0, atol=0)
+
+
 def test_freeze_leaves_the_model_alone_and_rejects_unrewritten_models():
     model = rewritten().train()
     before = copy.deepcopy(model.state_dict())

@@ -93,13 +93,13 @@ def test_eval_cache_is_reused_and_invalidated():
     conv = ConvNormConv2d(3, 4, 3, padding=1, eps=0.0).eval()
     x = torch.randn(1, 3, 8, 8)
     calls = []
-    original = conv.norm.compute_spectrum
+    original = conv.norm.compute_preconditioner
 
     def counting(weight, grid):
         calls.append(grid)
         return original(weight, grid)
 
-    conv.norm.compute_spectrum = counting
+    conv.norm.compute_preconditioner = counting
     first = conv(x)
     conv(x)
     assert len(calls) == 1  # cached

@@ -224,8 +224,8 @@ def test_eval_cache_is_reused_while_values_are_unchanged(monkeypatch):
     model = rewritten_net().eval()
     x = _input()
     calls = []
-    original = ConvNorm2d.compute_spectrum
-    monkeypatch.setattr(ConvNorm2d, "compute_spectrum", lambda self, *a: calls.append(self.site_name) or original(self, *a))
+    original = ConvNorm2d.compute_preconditioner
+    monkeypatch.setattr(ConvNorm2d, "compute_preconditioner", lambda self, *a: calls.append(self.site_name) or original(self, *a))
     with torch.no_grad():
         model(x)
         assert sorted(calls) == ["conv1", "conv2", "ws#conv2d"]
