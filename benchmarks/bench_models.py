@@ -12,6 +12,10 @@ For each model, variants share the original's initial weights:
 * ``naive`` (``--naive``, default for the CIFAR ResNet-18): the rewritten model with every
   ConvNorm layer computed by the paper's Algorithm 1 as written (``naive_convnorm.py``).
 
+``--layouts contiguous channels_last`` times every variant in both memory formats (model
+and input converted with ``.to(memory_format=torch.channels_last)``), interleaved in the same
+process; the channels_last variants are named ``"<variant> (cl)"`` and get a table of their own.
+
 Times are medians of interleaved repeats in one process: a train step is forward,
 cross-entropy, backward and an SGD step (momentum 0.9); eval is a ``torch.no_grad`` forward
 in eval mode. Memory: ``saved MB`` is what autograd keeps for backward in one training
@@ -25,6 +29,7 @@ Usage::
 
     python benchmarks/bench_models.py --quick --threads 2
     python benchmarks/bench_models.py --models cifar_resnet18 --batch 32 --threads 2
+    python benchmarks/bench_models.py --models cifar_resnet18 --layouts contiguous channels_last --threads 2
     python benchmarks/bench_models.py --device cuda --amp --channels-last --compile
 """
 
@@ -154,15 +159,31 @@ class Runner:
                 self.model(self.x)
 
 
+#: Suffix of the variants timed in the channels_last memory format next to contiguous ones.
+CHANNELS_LAST_SUFFIX = " (cl)"
+
+
+def _layouts(args: argparse.Namespace) -> list[str]:
+    """The memory formats to time: ``--layouts``, else the one ``--channels-last`` chooses."""
+    if args.layouts:
+        return list(dict.fromkeys(args.layouts))
+    return ["channels_last" if args.channels_last else "contiguous"]
+
+
+def _key(variant: str, layout: str, layouts: list[str]) -> str:
+    """A variant's name in the results: suffixed when it is the channels_last half of a pair."""
+    return variant + CHANNELS_LAST_SUFFIX if layout == "channels_last" and len(layouts) > 1 else variant
+
+
 def _inputs(
-    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, channels_last: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _, default_size, classes = MODELS[name]
     size = default_size if name.startswith("cifar") else args.size
     batch = args.cifar_batch if name.startswith("cifar") else args.batch
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device=device, dtype=dtype)
-    if args.channels_last:
+    if args.channels_last if channels_last is None else channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, classes, (batch,), generator=gen).to(device)
     return x, target
@@ -241,21 +262,23 @@ def _reset_peak_rss() -> bool:
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    variants = _variants(name, args)
-    x, target = _inputs(name, args, device, dtype)
+    variants, layouts = _variants(name, args), _layouts(args)
     runners: dict[str, Runner] = {}
     sites = None
-    for variant in variants:
-        model = build_variant(name, variant, device, dtype, args.channels_last)
-        if args.compile:
-            model = torch.compile(model)
-        runners[variant] = Runner(model, variant, x, target, args.amp)
-        if variant == "convnorm":
-            report = convnorm_fx.rewrite_report(model)
-            sites = sum(1 for s in report.sites if s.rewritten)
+    for layout in layouts:
+        x, target = _inputs(name, args, device, dtype, channels_last=layout == "channels_last")
+        for variant in variants:
+            model = build_variant(name, variant, device, dtype, layout == "channels_last")
+            if args.compile:
+                model = torch.compile(model)
+            runners[_key(variant, layout, layouts)] = Runner(model, variant, x, target, args.amp)
+            if variant == "convnorm":
+                report = convnorm_fx.rewrite_report(model)
+                sites = sum(1 for s in report.sites if s.rewritten)
     record: dict[str, Any] = {
         "model": name,
         "input": list(x.shape),
+        "layouts": layouts,
         "rewritten_sites": sites,
         "parameters_m": sum(p.numel() for p in runners["original"].model.parameters()) / 1e6,
     }
@@ -271,7 +294,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     if not args.no_memory:
         if device.type == "cuda":
             record["peak_mb"] = {v: _peak_memory_cuda(r) for v, r in runners.items()}
-        elif not args.compile:
+        elif not args.compile and len(layouts) == 1:  # (the subprocess takes the one layout)
             record["peak_mb"] = {v: _peak_memory_cpu(name, v, args) for v in variants}
     for runner in runners.values():
         runner.optimizer.zero_grad(set_to_none=True)
@@ -331,7 +354,9 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
             ]
         )
     lines += ["", "## Original vs rewritten", "", common.markdown_table(header, rows)]
-    others = [(r, v) for r in records for v in r["train_ms"] if v not in ("original", "convnorm")]
+    lines += _layout_table(records)
+    paired = ("original", "convnorm", "original" + CHANNELS_LAST_SUFFIX, "convnorm" + CHANNELS_LAST_SUFFIX)
+    others = [(r, v) for r in records for v in r["train_ms"] if v not in paired]
     if others:
         header = ["model", "variant", "train ms", "variant / convnorm (train)"]
         header += ["eval ms", "variant / convnorm (eval)", "saved MB"]
@@ -340,9 +365,9 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
                 r["model"],
                 v,
                 r["train_ms"][v],
-                r["train_ms"][v] / r["train_ms"]["convnorm"],
+                r["train_ms"][v] / r["train_ms"][_same_layout("convnorm", v)],
                 r["eval_ms"][v],
-                r["eval_ms"][v] / r["eval_ms"]["convnorm"],
+                r["eval_ms"][v] / r["eval_ms"][_same_layout("convnorm", v)],
                 r["saved_mb"][v],
             ]
             for r, v in others
@@ -350,6 +375,31 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
         title = "## Other ConvNorm implementations (same rewritten model)"
         lines += ["", title, "", common.markdown_table(header, rows)]
     return "\n".join(lines)
+
+
+def _same_layout(variant: str, like: str) -> str:
+    """``variant`` in the memory format of the variant named ``like``."""
+    return variant + CHANNELS_LAST_SUFFIX if like.endswith(CHANNELS_LAST_SUFFIX) else variant
+
+
+def _layout_table(records: list[dict[str, Any]]) -> list[str]:
+    """Contiguous vs channels_last, for the records that timed both: each format's ratio, and
+    the rewritten model in its faster format over the original in its faster one."""
+    cl = CHANNELS_LAST_SUFFIX
+    both = [r for r in records if "convnorm" + cl in r["train_ms"]]
+    if not both:
+        return []
+    header = ["model", "mode", "orig ms", "orig ms (cl)", "CN ms", "CN ms (cl)", "CN/orig", "CN/orig (cl)"]
+    header += ["faster CN / faster orig"]
+    rows = []
+    for r in both:
+        for mode in ("train_ms", "eval_ms"):
+            t = r[mode]
+            best = min(t["convnorm"], t["convnorm" + cl]) / min(t["original"], t["original" + cl])
+            rows.append([r["model"], mode.split("_")[0], t["original"], t["original" + cl], t["convnorm"],
+                         t["convnorm" + cl], t["convnorm"] / t["original"], t["convnorm" + cl] / t["original" + cl],
+                         best])  # fmt: skip
+    return ["", "## Memory formats: contiguous vs channels_last", "", common.markdown_table(header, rows)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -370,9 +420,18 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="also time Algorithm 1 as written (default: CIFAR ResNet-18 only)",
     )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=("contiguous", "channels_last"),
+        default=None,
+        help="memory formats to time, interleaved (default: the one --channels-last chooses)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.layouts and len(set(args.layouts)) == 1:
+        args.channels_last = args.layouts[0] == "channels_last"
     if args.child_memory:
         _child_memory(args)
         return

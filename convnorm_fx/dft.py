@@ -146,6 +146,8 @@ def to_spectrum(signal: Tensor, grid: tuple[int, int], rows: Samples, cols: Samp
     n, c, p, q = signal.shape
     mh, mw = grid
     wf = mw // 2 + 1
+    if max(mh, mw) <= DFT_MAX_GRID and c > 1 and signal.stride(1) == 1:  # channels innermost (any crop)
+        return _to_spectrum_channels_last(signal, grid, rows, cols, sign)
     if max(mh, mw) <= DFT_MAX_GRID:
         cplx = complex_dtype(signal.dtype)
         table = half_forward_table(mw, cols, sign, signal.dtype, signal.device)  # (Q, 2 W_f)
@@ -165,12 +167,67 @@ def to_spectrum(signal: Tensor, grid: tuple[int, int], rows: Samples, cols: Samp
     return spectrum.permute(2, 3, 0, 1).contiguous().view(mh * wf, n, c)
 
 
-def from_spectrum(spectrum: Tensor, grid: tuple[int, int], rows: Samples, cols: Samples, sign: int) -> Tensor:
+@cached_table
+def _block_forward_table(size: int, samples: Samples, sign: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Real ``(2 size, 2 count)`` matrix of the complex DFT along one axis for split parts.
+
+    Rows are ``(part, w)``, columns ``(position, part)``: applied to a signal whose real and
+    imaginary parts are interleaved per position, it gives the parts of the DFT one after the
+    other (``[[cos, -sin], [sin, cos]]`` blocks of ``exp(sign i theta)``)."""
+    table = dft_table(size, samples, sign, complex_dtype(dtype), device)  # (size, count)
+    re, im = table.real, table.imag
+    block = torch.stack([torch.stack([re, -im], dim=-1), torch.stack([im, re], dim=-1)], dim=0)  # (2, size, count, 2)
+    return block.reshape(2 * size, 2 * samples[1]).to(dtype)
+
+
+def _to_spectrum_channels_last(
+    signal: Tensor, grid: tuple[int, int], rows: Samples, cols: Samples, sign: int
+) -> Tensor:
+    """:func:`to_spectrum` of a signal laid out ``(N, H, W, C)`` in memory (or a window of one):
+    every copy keeps the channels innermost, so none is a strided gather (the transposes of
+    the contiguous layout are)."""
+    n, c, p, q = signal.shape
+    mh, mw = grid
+    wf = mw // 2 + 1
+    by_row = signal.permute(2, 3, 0, 1).reshape(p, q, n * c)  # (P, Q, N C): blocks of C move
+    table = half_forward_table(mw, cols, sign, signal.dtype, signal.device)  # (Q, 2 W_f), columns (w, part)
+    table = table.view(q, wf, 2).transpose(0, 2).reshape(2 * wf, q)  # rows (part, w)
+    along_w = torch.matmul(table, by_row)  # (P, 2 W_f, N C): rows (p, part, w)
+    block = _block_forward_table(mh, rows, sign, signal.dtype, signal.device)  # (2 M_h, 2 P)
+    parts = torch.matmul(block, along_w.view(2 * p, wf * n * c)).view(2, mh * wf, n, c)
+    return torch.complex(parts[0], parts[1])
+
+
+def _from_spectrum_channels_last(
+    spectrum: Tensor, grid: tuple[int, int], rows: Samples, cols: Samples, sign: int
+) -> Tensor:
+    """:func:`from_spectrum` into an ``(N, H, W, C)``-laid-out result, channels innermost throughout."""
+    _, n, c = spectrum.shape
+    mh, mw = grid
+    wf = mw // 2 + 1
+    p, q = rows[1], cols[1]
+    real = compute_dtype(spectrum.real.dtype)
+    inverse_h = dft_table(mh, rows, sign, spectrum.dtype, spectrum.device).T / mh  # (P, M_h)
+    along_h = torch.matmul(inverse_h, spectrum.view(mh, wf * n * c))  # (P, W_f N C) complex
+    parts = torch.view_as_real(along_h).view(p, wf, n * c, 2).permute(0, 3, 1, 2).reshape(p, 2 * wf, n * c)
+    table = half_inverse_table(mw, cols, sign, real, spectrum.device)  # (2 W_f, Q), rows (w, part)
+    table = table.view(wf, 2, q).transpose(0, 1).reshape(2 * wf, q)  # rows (part, w)
+    out = torch.matmul(table.T, parts).view(p, q, n, c)  # (P, Q, N, C)
+    return out.permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
+def from_spectrum(
+    spectrum: Tensor, grid: tuple[int, int], rows: Samples, cols: Samples, sign: int, channels_last: bool = False
+) -> Tensor:
     """Real inverse of :func:`to_spectrum`'s layout at the given grid positions only.
 
     ``sign = +1`` is ``irfft2`` (``(1 / M) sum_w S(w) exp(+2 pi i <w, p> / M)`` over the full
     plane); ``sign = -1`` is ``irfft2(conj(S))`` (for adjoints). The rows are transformed
     first and only the needed ones kept, so cropped and strided outputs cost less.
+
+    ``channels_last`` asks for a result laid out ``(N, H, W, C)`` in memory, computed without
+    transposing the channels away from the innermost dimension (on grids transformed by FFTs,
+    by converting the result).
 
     Shape:
         - spectrum: ``(M_h (M_w // 2 + 1), N, C)``
@@ -179,6 +236,8 @@ def from_spectrum(spectrum: Tensor, grid: tuple[int, int], rows: Samples, cols: 
     _, n, c = spectrum.shape
     mh, mw = grid
     wf = mw // 2 + 1
+    if max(mh, mw) <= DFT_MAX_GRID and channels_last:
+        return _from_spectrum_channels_last(spectrum, grid, rows, cols, sign)
     if max(mh, mw) <= DFT_MAX_GRID:
         cplx = spectrum.dtype
         real = compute_dtype(spectrum.real.dtype)
@@ -195,4 +254,5 @@ def from_spectrum(spectrum: Tensor, grid: tuple[int, int], rows: Samples, cols: 
         # irfft2(conj S) = hfft2(S) / M: fft along the rows, keep them, hfft along the columns.
         kept = torch.fft.fft(plane, dim=0, norm="forward")[samples_slice(rows)]
         out = torch.fft.hfft(kept, n=mw, dim=1, norm="forward")[:, samples_slice(cols)]
-    return out.permute(2, 3, 0, 1)
+    out = out.permute(2, 3, 0, 1)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -28,6 +29,8 @@ __all__ = [
     "feeding_conv_args",
     "full_padding",
     "grid_size",
+    "is_channels_last",
+    "memory_format_of",
     "pad_for_mode",
     "pair",
 ]
@@ -195,3 +198,14 @@ def check_conv_input(x: Tensor, weight: Tensor, groups: int) -> None:
 def check_positive(pair: tuple[int, int], name: str) -> None:
     if min(pair) < 1:
         raise ValueError(f"{name} must be >= 1, got {pair}")
+
+
+def is_channels_last(tensor: Tensor) -> bool:
+    """Whether a 4-D tensor is laid out ``(N, H, W, C)`` in memory (and not also contiguous)."""
+    return tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a tensor laid out that way, else ``torch.contiguous_format``:
+    the layout a stage gives its output (the layout of its input, as a conv does)."""
+    return torch.channels_last if is_channels_last(tensor) else torch.contiguous_format

@@ -48,6 +48,7 @@ from .geometry import (
     feeding_conv_args,
     full_padding,
     grid_size,
+    memory_format_of,
     pad_for_mode,
     pair,
 )
@@ -184,11 +185,11 @@ def conv_norm_stage(
     kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
     stride_hw, dilation_hw = pair(stride, "stride"), pair(dilation, "dilation")
     if kernel_size == (1, 1):
-        channels_last = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        layout = memory_format_of(y)
         out = scale_1x1(y, weight, eps, stop_gradient, affine_weight, affine_bias, inv_sqrt) if normalize else y
         if bias is not None:
             out = out + bias.to(out.dtype).reshape(1, -1, 1, 1)
-        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return out.contiguous(memory_format=layout)
     fh, fw = full_padding(kernel_size, dilation_hw)
     top, bottom, left, right = padding
     if y.shape[-2] - 2 * fh + top + bottom < 1 or y.shape[-1] - 2 * fw + left + right < 1:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .geometry import crop_and_downsample, full_padding
+from .geometry import crop_and_downsample, full_padding, memory_format_of
 from .precision import autocast_disabled, compute_dtype, spectrum_dtype
 from .spectrum import inverse_sqrt_spectrum
 
@@ -152,7 +152,6 @@ def stage_step_by_step(
         - inv_sqrt: ``(C, M_h, M_w // 2 + 1)``
         - output: ``(N, C, H_out, W_out)``, in ``y``'s memory format
     """
-    channels_last = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = memory_format_of(y)
     z = y if inv_sqrt is None else normalize_circular(y, inv_sqrt)
     return finish_stage(z, kernel_size, stride, pads, dilation, bias, affine_weight, affine_bias, layout)

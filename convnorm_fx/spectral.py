@@ -39,6 +39,7 @@ from .dft import (
     phase,
     to_spectrum,
 )
+from .geometry import is_channels_last
 from .precision import autocast_disabled, complex_dtype, compute_dtype, spectral_dtypes
 
 
@@ -104,6 +105,11 @@ class SpectralPlan:
     def frequencies(self) -> int:
         return self.rows.grid * self.cols.half
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the site's input, which its output and input gradient keep."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
 
 def _axis_plan(
     size: int, kernel: int, dilation: int, before: int, after: int, stride: int, affine: int,
@@ -156,8 +162,7 @@ def spectral_plan(
         return None
     if affine_weight is not None and not (_affine_fits(rows) and _affine_fits(cols)):
         return None
-    channels_last = not reference.is_contiguous() and reference.is_contiguous(memory_format=torch.channels_last)
-    return SpectralPlan(rows, cols, groups, out_dtype, channels_last)
+    return SpectralPlan(rows, cols, groups, out_dtype, is_channels_last(reference))
 
 
 def fused_paths_allowed(reference: Tensor) -> bool:
@@ -389,8 +394,9 @@ class SpectralConvNorm(torch.autograd.Function):
                     u[:, :, block] = torch.bmm(spectrum, kernel.transpose(1, 2))
             u = u.mul_(_channel_gain(inv_sqrt, affine_weight, plan, cplx).unsqueeze(1))
             del spectrum, kernel  # free before the inverse: it allocates its own work space
-            out = _pad_outside(from_spectrum(u, plan.grid, kept_samples(rows), kept_samples(cols), 1), plan)
-        memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
+            out = from_spectrum(u, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)
+            out = _pad_outside(out, plan)
+        memory_format = plan.memory_format
         return out.to(plan.out_dtype).contiguous(memory_format=memory_format)
 
     @staticmethod
@@ -448,8 +454,10 @@ class SpectralConvNorm(torch.autograd.Function):
             if need_r:
                 grad_r = _lag_values(z_gram.unsqueeze(-1), plan, affine=True).to(affine_weight.dtype)
             if need_x:
-                grad_x = from_spectrum(adjoint, plan.grid, input_samples(rows), input_samples(cols), -1)
-                memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
+                grad_x = from_spectrum(
+                    adjoint, plan.grid, input_samples(rows), input_samples(cols), -1, plan.channels_last
+                )
+                memory_format = plan.memory_format
                 grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format)
         return grad_x, grad_w, grad_r, None, None
 
@@ -473,8 +481,9 @@ class SpectralStage(torch.autograd.Function):
         with autocast_disabled(y.device):
             spectrum = to_spectrum(y.to(compute), plan.grid, grid_samples(rows), grid_samples(cols), -1)  # (F, N, C)
             spectrum = spectrum.mul_(_stage_gain(inv_sqrt, affine_weight, plan).unsqueeze(1))
-            out = _pad_outside(from_spectrum(spectrum, plan.grid, kept_samples(rows), kept_samples(cols), 1), plan)
-        memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
+            out = from_spectrum(spectrum, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)
+            out = _pad_outside(out, plan)
+        memory_format = plan.memory_format
         return out.to(y.dtype).contiguous(memory_format=memory_format)
 
     @staticmethod
@@ -498,8 +507,10 @@ class SpectralStage(torch.autograd.Function):
             if need_y:
                 # irfft2(conj(gain) G) = irfft2(conj(gain conj(G))).
                 adjoint = grad_spectrum.mul_(_stage_gain(inv_sqrt, affine_weight, plan).unsqueeze(1))
-                grad_y = from_spectrum(adjoint, plan.grid, grid_samples(rows), grid_samples(cols), -1)
-                memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
+                grad_y = from_spectrum(
+                    adjoint, plan.grid, grid_samples(rows), grid_samples(cols), -1, plan.channels_last
+                )
+                memory_format = plan.memory_format
                 grad_y = grad_y.to(grad.dtype).contiguous(memory_format=memory_format)
         return grad_y, grad_r, None, None
 

@@ -26,6 +26,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from convnorm_fx import ConvNormConv2d, conv_norm2d, dft, ops, pipeline, spectral, spectrum
+from convnorm_fx import geometry as geometry_module
 from helpers import assert_close_scaled
 from tolerances import tolerance
 from strategies import conv_geometries, seeds
@@ -53,6 +54,26 @@ def _force_routes(monkeypatch, route, kernel_route):
     monkeypatch.setattr(spectral, "KERNEL_FFT_FACTOR", 1e9 if kernel_route == "table" else 0.0)
     monkeypatch.setattr(spectral, "KERNEL_FFT_MIN_TAPS", 0)
     return _spy(monkeypatch, dft, "half_forward_table"), _spy(monkeypatch, spectral, "_tap_table")
+
+
+def _in_layout(t, layout):
+    """``t`` in the memory layout a test runs in."""
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _spy_layout_routes(monkeypatch):
+    """Spies on the transforms that keep the channels innermost (channels_last signals)."""
+    return _spy(monkeypatch, dft, "_to_spectrum_channels_last"), _spy(monkeypatch, dft, "_from_spectrum_channels_last")
+
+
+def _assert_layout(out, signal, layout, route, layout_spies):
+    """A channels_last site gives a channels_last output, by the channels-innermost transforms
+    where the signal is unambiguously laid out that way and transformed by DFT matrices."""
+    if layout != "channels_last" or not geometry_module.is_channels_last(signal):
+        return  # (one channel, or a 1x1 signal: both layouts at once, and the output is contiguous)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    if route == "dft":
+        assert layout_spies[0] and layout_spies[1], "the channels_last transforms did not run"
 
 
 def _assert_routes(spies, route, kernel_route, kernels_used=True):
@@ -124,33 +145,40 @@ def _spectral_applies(geometry, x, w, affine_w) -> bool:
     return plan is not None
 
 
-def _check_spectral_site(geometry, seed, with_affine):
-    """Values and gradients of ``conv_norm2d(algorithm='spectral')`` against the reference."""
+def _check_spectral_site(geometry, seed, with_affine, layout="contiguous"):
+    """Values and gradients of ``conv_norm2d(algorithm='spectral')`` against the reference;
+    returns the output."""
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     assume(geometry.kernel != (1, 1) and _spectral_applies(geometry, x, w, affine_w))
 
     def fast(x, w, b, affine_w, affine_b):
         return conv_norm2d(
-            x, w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
+            _in_layout(x, layout), w, b, geometry.stride, geometry.padding, geometry.dilation, geometry.groups, geometry.padding_mode,
             affine_weight=affine_w, affine_bias=affine_b, algorithm="spectral",
         )
 
     leaves = [x, w, b, affine_w, affine_b]
     reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
-    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+    fast_values = _values_and_grads(fast, leaves, seed)
+    _assert_same(fast_values, reference)
+    return fast_values[0]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kernel_route", ["table", "kernel-fft"])
 @pytest.mark.parametrize("route", ["dft", "fft"])
 @given(geometry=geometries, seed=seeds, with_affine=st.booleans())
-def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, kernel_route, monkeypatch):
+def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route, kernel_route, layout, monkeypatch):
     """Values and gradients (input, weight, bias, affine kernel and bias) of the spectral algorithm,
-    with signals transformed by DFT matrices or FFTs, and kernels (forward) and their gradients
-    (backward) by phase tables or FFTs."""
+    with signals transformed by DFT matrices or FFTs, kernels (forward) and their gradients
+    (backward) by phase tables or FFTs, on contiguous and channels_last inputs."""
     spies = _force_routes(monkeypatch, route, kernel_route)
-    _check_spectral_site(geometry, seed, with_affine)
+    layout_spies = _spy_layout_routes(monkeypatch)
+    out = _check_spectral_site(geometry, seed, with_affine, layout)
     _assert_routes(spies, route, kernel_route)
+    signal, _ = _signal_and_pads(geometry, _in_layout(geometry.tensors(seed)[0], layout))
+    _assert_layout(out, signal, layout, route, layout_spies)
 
 
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
@@ -164,12 +192,15 @@ def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
     assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kernel_route", ["table", "kernel-fft"])
 @pytest.mark.parametrize("route", ["dft", "fft"])
 @given(geometry=geometries, seed=seeds, with_affine=st.booleans())
-def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kernel_route, monkeypatch):
-    """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused)."""
+def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kernel_route, layout, monkeypatch):
+    """``conv_norm_stage`` on a full conv output (normalization, affine, crop, stride fused), in
+    both memory layouts."""
     spies = _force_routes(monkeypatch, route, kernel_route)
+    layout_spies = _spy_layout_routes(monkeypatch)
     x, w, b = geometry.tensors(seed)
     affine_w, affine_b = _affine(geometry, seed) if with_affine else (None, None)
     _, pads = _signal_and_pads(geometry, x)
@@ -177,19 +208,23 @@ def test_direct_stage_equals_reference(geometry, seed, with_affine, route, kerne
 
     def fast(x, w, b, affine_w, affine_b):
         signal, _ = _signal_and_pads(geometry, x)
-        y = F.conv2d(signal, w, None, feed_stride, feed_padding, geometry.dilation, geometry.groups)
+        y = _in_layout(F.conv2d(signal, w, None, feed_stride, feed_padding, geometry.dilation, geometry.groups), layout)
         return ops.conv_norm_stage(
             y, w, b, geometry.stride, pads, geometry.dilation, affine_weight=affine_w, affine_bias=affine_b
         )
 
     leaves = [x, w, b, affine_w, affine_b]
     reference = _values_and_grads(lambda *t: _reference(geometry, *t), leaves, seed)
-    for spy in spies:
+    for spy in (*spies, *layout_spies):
         spy.clear()
-    _assert_same(_values_and_grads(fast, leaves, seed), reference)
+    fast_values = _values_and_grads(fast, leaves, seed)
+    _assert_same(fast_values, reference)
     if geometry.kernel != (1, 1) and _stage_is_fused(geometry, x, affine_w):
         # The fused stage transforms the conv output; kernels go to the grid only for the affine kernel.
         _assert_routes(spies, route, kernel_route, kernels_used=affine_w is not None)
+        signal, _ = _signal_and_pads(geometry, x)
+        y = F.conv2d(signal, w, None, feed_stride, feed_padding, geometry.dilation, geometry.groups)
+        _assert_layout(fast_values[0], _in_layout(y, layout), layout, route, layout_spies)
 
 
 def _stage_is_fused(geometry, x, affine_w) -> bool:
