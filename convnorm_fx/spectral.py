@@ -227,14 +227,17 @@ def _tap_positions(plan: SpectralPlan, affine: bool) -> tuple[list[int], list[in
     return [o % rows.grid for o in row_offsets], [o % cols.grid for o in col_offsets]
 
 
-def kernel_dft(weight: Tensor, plan: SpectralPlan, complex_dtype: torch.dtype, affine: bool = False) -> Tensor:
+def kernel_dft(
+    weight: Tensor, plan: SpectralPlan, complex_dtype: torch.dtype, affine: bool = False, frequencies: slice | None = None
+) -> Tensor:
     """DFT of each kernel placed on the grid at its tap offsets, ``(F, C_out, C_in / g)``.
 
     ``sum_t a[t] exp(+2 pi i <w, d t - f> / M)``: the conjugate of the kernel's DFT, because
     a cross-correlation multiplies the input spectrum by it (``y = a (star) x`` gives
     ``Y = conj(A) X``). With ``affine`` the offsets are those of the "same" affine conv.
     One matmul of the phase table with the taps, or for large kernels an ``rfft2`` of the
-    kernels placed on the grid (see :func:`taps_by_fft`).
+    kernels placed on the grid (see :func:`taps_by_fft`). ``frequencies`` (a slice of the
+    ``F`` half-plane frequencies) computes only those.
     """
     c_out, c_in, kh, kw = weight.shape
     if taps_by_fft(plan, affine):
@@ -246,10 +249,13 @@ def kernel_dft(weight: Tensor, plan: SpectralPlan, complex_dtype: torch.dtype, a
         index_c = torch.tensor(col_pos, device=weight.device)[None, :]
         placed[:, index_r, index_c] = weight.reshape(c_out * c_in, kh, kw).to(real)
         spectrum = torch.fft.rfft2(placed).conj()  # (C_out C_in, M_h, W_f)
-        return spectrum.reshape(c_out * c_in, plan.frequencies).T.reshape(plan.frequencies, c_out, c_in)
+        spectrum = spectrum.reshape(c_out * c_in, plan.frequencies).T.reshape(plan.frequencies, c_out, c_in)
+        return spectrum if frequencies is None else spectrum[frequencies]
     table = _tap_table(plan, complex_dtype, weight.device, affine)
+    if frequencies is not None:
+        table = table[frequencies]
     taps = weight.reshape(c_out * c_in, kh * kw).T.to(complex_dtype)  # (k_h k_w, C_out C_in)
-    return torch.matmul(table, taps).view(plan.frequencies, c_out, c_in)
+    return torch.matmul(table, taps).view(table.shape[0], c_out, c_in)
 
 
 def _channel_gain(
@@ -354,13 +360,30 @@ def _lag_values(spectrum: Tensor, plan: SpectralPlan, affine: bool, gain: Tensor
 KERNEL_BLOCK_BYTES = 8 * 2**20
 
 
+def _frequency_blocks(plan: SpectralPlan, c_out: int, c_in_g: int, groups: int, itemsize: int) -> list[slice]:
+    """Blocks of frequencies for the kernel spectrum in the forward pass: each block's
+    products fill a contiguous slice of the ``(F, N, C_out)`` result, in place. One block
+    when the kernels go to the grid by FFT (which makes every frequency at once) or the
+    conv is grouped."""
+    freqs = plan.frequencies
+    if groups != 1 or taps_by_fft(plan, affine=False):
+        return [slice(0, freqs)]
+    return _even_blocks(freqs, freqs * c_out * c_in_g * itemsize)
+
+
 def _channel_blocks(freqs: int, c_out: int, c_in_g: int, groups: int, itemsize: int) -> list[slice]:
     """Blocks of output channels for the kernel spectrum (one block for grouped convs)."""
     if groups != 1:
         return [slice(0, c_out)]
-    count = -(-freqs * c_out * c_in_g * itemsize // KERNEL_BLOCK_BYTES)  # ceil
-    per_block = -(-c_out // max(count, 1))  # equal blocks, the last one at most as large
-    return [slice(start, min(start + per_block, c_out)) for start in range(0, c_out, per_block)]
+    return _even_blocks(c_out, freqs * c_out * c_in_g * itemsize)
+
+
+def _even_blocks(length: int, total_bytes: int) -> list[slice]:
+    """``range(length)`` in equal slices (the last one at most as large), enough of them that
+    each holds at most :data:`KERNEL_BLOCK_BYTES` of the ``total_bytes``."""
+    count = -(-total_bytes // KERNEL_BLOCK_BYTES)  # ceil
+    per_block = -(-length // max(count, 1))
+    return [slice(start, min(start + per_block, length)) for start in range(0, length, per_block)]
 
 
 class SpectralConvNorm(torch.autograd.Function):
@@ -371,7 +394,9 @@ class SpectralConvNorm(torch.autograd.Function):
     recomputes the input spectrum instead of saving it, so the site keeps only the input,
     which the conv before it keeps anyway. The per-channel factors ``R_k v_k`` are applied
     to the ``(F, N, C_out)`` activations, never to the ``(F, C_out, C_in)`` kernel spectrum,
-    which is built in blocks of output channels (:data:`KERNEL_BLOCK_BYTES`).
+    which is built in blocks (:data:`KERNEL_BLOCK_BYTES`): of frequencies in forward, whose
+    products then fill contiguous slices of the result in place, and of output channels in
+    backward, where the input gradient sums over them.
     """
 
     @staticmethod
@@ -383,15 +408,15 @@ class SpectralConvNorm(torch.autograd.Function):
         c_out, c_in_g = weight.shape[:2]
         with autocast_disabled(x.device):
             spectrum = to_spectrum(x.to(compute), plan.grid, input_samples(rows), input_samples(cols), -1)  # (F, N, C_in)
-            blocks = _channel_blocks(freqs, c_out, c_in_g, groups, spectrum.element_size())
+            blocks = _frequency_blocks(plan, c_out, c_in_g, groups, spectrum.element_size())
             if len(blocks) == 1:
                 kernel = kernel_dft(weight, plan, cplx).view(freqs, groups, c_out // groups, c_in_g)
                 u = grouped_matmul(spectrum, kernel, groups)  # (F, N, C_out)
             else:
                 u = spectrum.new_empty(freqs, x.shape[0], c_out)
                 for block in blocks:
-                    kernel = kernel_dft(weight[block], plan, cplx)
-                    u[:, :, block] = torch.bmm(spectrum, kernel.transpose(1, 2))
+                    kernel = kernel_dft(weight, plan, cplx, frequencies=block)
+                    torch.bmm(spectrum[block], kernel.transpose(1, 2), out=u[block])
             u = u.mul_(_channel_gain(inv_sqrt, affine_weight, plan, cplx).unsqueeze(1))
             del spectrum, kernel  # free before the inverse: it allocates its own work space
             out = from_spectrum(u, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)

@@ -183,13 +183,18 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
 
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
 def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
-    """Building the kernel spectrum in blocks of output channels changes nothing."""
-    monkeypatch.setattr(spectral, "KERNEL_BLOCK_BYTES", 1)  # one output channel per block
-    blocks = []
-    original = spectral._channel_blocks
+    """Building the kernel spectrum in blocks of output channels (backward) or of frequencies
+    (forward) changes nothing."""
+    monkeypatch.setattr(spectral, "KERNEL_BLOCK_BYTES", 1)  # one output channel (or frequency) per block
+    blocks, frequency_blocks = [], []
+    original, original_frequencies = spectral._channel_blocks, spectral._frequency_blocks
     monkeypatch.setattr(spectral, "_channel_blocks", lambda *a: blocks.append(original(*a)) or blocks[-1])
+    monkeypatch.setattr(
+        spectral, "_frequency_blocks", lambda *a: frequency_blocks.append(original_frequencies(*a)) or frequency_blocks[-1]
+    )
     _check_spectral_site(geometry, seed, with_affine=True)
     assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
+    assert frequency_blocks and all(len(b) > 1 for b in frequency_blocks)  # (F > 1 for every kernel > 1x1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
