@@ -181,11 +181,13 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
     _assert_layout(out, signal, layout, route, layout_spies)
 
 
+@pytest.mark.parametrize("forward_blocks", ["frequency", "channel"])
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
-def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
-    """Building the kernel spectrum in blocks of output channels (backward) or of frequencies
-    (forward) changes nothing."""
+def test_spectral_algorithm_in_channel_blocks(geometry, seed, forward_blocks, monkeypatch):
+    """Building the kernel spectrum in blocks of output channels or of frequencies (forward;
+    backward always by channels) changes nothing."""
     monkeypatch.setattr(spectral, "KERNEL_BLOCK_BYTES", 1)  # one output channel (or frequency) per block
+    monkeypatch.setattr(spectral, "FREQUENCY_BLOCKS_FACTOR", 0.0 if forward_blocks == "frequency" else float("inf"))
     blocks, frequency_blocks = [], []
     original, original_frequencies = spectral._channel_blocks, spectral._frequency_blocks
     monkeypatch.setattr(spectral, "_channel_blocks", lambda *a: blocks.append(original(*a)) or blocks[-1])
@@ -194,7 +196,10 @@ def test_spectral_algorithm_in_channel_blocks(geometry, seed, monkeypatch):
     )
     _check_spectral_site(geometry, seed, with_affine=True)
     assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
-    assert frequency_blocks and all(len(b) > 1 for b in frequency_blocks)  # (F > 1 for every kernel > 1x1)
+    if forward_blocks == "frequency":
+        assert frequency_blocks and all(len(b) > 1 for b in frequency_blocks)  # (F > 1 for every kernel > 1x1)
+    else:
+        assert not frequency_blocks
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
