@@ -48,8 +48,12 @@ def spectral_dtypes(x: Tensor, weight: Tensor) -> tuple[torch.dtype, torch.dtype
 
 
 def conv_out_dtype(x: Tensor) -> torch.dtype:
-    """The dtype ``F.conv2d`` returns for ``x`` under the current autocast state."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    """The dtype ``F.conv2d`` returns for ``x`` under the current autocast state (devices
+    without autocast, such as meta, return ``x``'s dtype)."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device):
+        return x.dtype
+    if torch.is_autocast_enabled(device) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

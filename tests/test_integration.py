@@ -780,9 +780,11 @@ def test_apply_twice_is_idempotent():
 # --------------------------------------------------------------------------------------
 
 
-def test_meta_device_forward_infers_shapes():
+@pytest.mark.parametrize("algorithm", ["auto", "direct", "spectral"])
+def test_meta_device_forward_infers_shapes(algorithm):
+    """Meta tensors (no autocast on that device) on every route, whichever the cost model picks."""
     with torch.device("meta"):
-        model = convnorm_fx.apply(SmallNet())
+        model = convnorm_fx.apply(SmallNet(), algorithm=algorithm)
     x = torch.empty(INPUT, device="meta")
     for mode in (True, False):
         model.train(mode)
