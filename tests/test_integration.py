@@ -115,21 +115,25 @@ def test_dynamo_captures_whole_model_without_graph_breaks():
         assert explanation.graph_count == 1
 
 
-def _compiled_matches_eager(backend: str, norm: bool, bn: str | bool, tol: float, **options) -> None:
+def _compiled_matches_eager(
+    backend: str, norm: bool, bn: str | bool, tol: float, channels_last: bool = False, **options
+) -> None:
     torch._dynamo.reset()  # earlier tests' models count towards the recompile limit of the same forward
     counters = torch._dynamo.utils.counters
     counters.clear()
-    model = rewritten(norm, bn, **options)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = rewritten(norm, bn, **options).to(memory_format=layout)
     eager = copy.deepcopy(model)
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     x, t = batch()
+    x = x.contiguous(memory_format=layout)
     for _ in range(2):  # forward + backward + update, twice: the second step sees updated weights
         loss_c, loss_e = train_step(compiled, x, t), train_step(eager, x, t)
         assert_close_scaled(loss_c, loss_e, tol)
         assert_grads_close(grads(model), grads(eager), tol)
     model.eval()
     eager.eval()
-    x2, _ = batch(seed=2)
+    x2 = batch(seed=2)[0].contiguous(memory_format=layout)
     with torch.no_grad():
         assert_close_scaled(compiled(x2), eager(x2), tol)
         # In-place weight updates must reach the compiled eval graph (no stale spectrum).
@@ -154,6 +158,11 @@ def test_compile_aot_eager_train_and_eval_match_eager(norm, bn):
     """Dynamo + AOTAutograd (the graphs Inductor compiles) without code generation: fast enough
     for every run with one variant; ``fullgraph=True`` also fails on any graph break."""
     _compiled_matches_eager("aot_eager", norm, bn, tol=tolerance(torch.float32) / 2)
+
+
+def test_compile_aot_eager_channels_last_matches_eager():
+    """A channels_last model and input: the channels-innermost transforms compile in one graph too."""
+    _compiled_matches_eager("aot_eager", True, "auto", tolerance(torch.float32) / 2, channels_last=True)
 
 
 @pytest.mark.slow
