@@ -354,18 +354,36 @@ def _lag_values(spectrum: Tensor, plan: SpectralPlan, affine: bool, gain: Tensor
         index_r = torch.tensor(row_pos, device=spectrum.device)[:, None]
         index_c = torch.tensor(col_pos, device=spectrum.device)[None, :]
         return circular[:, index_r, index_c].reshape(a, b, kh, kw).contiguous()
+    return _lag_sums(spectrum, plan, affine, gain).real.reshape(a, b, kh, kw).contiguous()
+
+
+def _lag_sums(
+    spectrum: Tensor, plan: SpectralPlan, affine: bool, gain: Tensor | None = None, frequencies: slice | None = None
+) -> Tensor:
+    """The phase-table route of :func:`_lag_values` before the real part, over ``frequencies``
+    only (``spectrum`` and ``gain`` hold those): blocks of frequencies add up.
+
+    Shape:
+        - spectrum: ``(F_block, A, B)``; gain: ``(F_block, A)``
+        - output: ``(A, B, k_h k_w)`` complex
+    """
+    rows, cols = plan.rows, plan.cols
+    freqs, a, b = spectrum.shape
     weights = (hermitian_weights(cols.grid, spectrum.device) / (rows.grid * cols.grid)).repeat(rows.grid)
     weights = weights.to(spectrum.dtype)  # (F,)
     table = _tap_table(plan, spectrum.dtype, spectrum.device, affine) * weights[:, None]  # (F, T)
+    if frequencies is not None:
+        table = table[frequencies]
+    taps = table.shape[1]
     if gain is None:
         lags = torch.matmul(spectrum.reshape(freqs, a * b).T, table)  # (A B, T)
-    elif b < kh * kw:
+    elif b < taps:
         # Fewer input channels than taps: scaling the spectrum is cheaper than A phase tables.
         lags = torch.matmul((spectrum * gain[:, :, None]).reshape(freqs, a * b).T, table)
     else:
         tables = gain.T[:, :, None] * table[None]  # (A, F, T)
         lags = torch.bmm(spectrum.permute(1, 2, 0), tables)  # (A, B, T)
-    return lags.real.reshape(a, b, kh, kw).contiguous()
+    return lags.reshape(a, b, taps)
 
 
 #: The kernel spectrum of a site, ``(F, C_out, C_in)`` complex, is built in blocks of output
@@ -423,10 +441,10 @@ class SpectralConvNorm(torch.autograd.Function):
     recomputes the input spectrum instead of saving it, so the site keeps only the input,
     which the conv before it keeps anyway. The per-channel factors ``R_k v_k`` are applied
     to the ``(F, N, C_out)`` activations, never to the ``(F, C_out, C_in)`` kernel spectrum,
-    which is built in blocks (:data:`KERNEL_BLOCK_BYTES`): in forward, of frequencies, whose
-    products then fill contiguous slices of the result in place, or of output channels,
-    whichever reads less (:data:`FREQUENCY_BLOCKS_FACTOR`); in backward, of output channels,
-    over which the input gradient sums.
+    which is built in blocks (:data:`KERNEL_BLOCK_BYTES`) of frequencies, whose products fill
+    contiguous slices of the result in place (and whose weight-gradient lags add up), or of
+    output channels, over which the input gradient sums: whichever reads less
+    (:data:`FREQUENCY_BLOCKS_FACTOR`).
     """
 
     @staticmethod
@@ -493,7 +511,31 @@ class SpectralConvNorm(torch.autograd.Function):
                 # conj of the input gradient's DFT: sum_k conj(G_k) R_k v_k conj(A_kj).
                 x_gain = (inv if affine is None else inv * affine).view(freqs, 1, c_out)
                 adjoint = None
-            for block in _channel_blocks(freqs, c_out, c_in_g, groups, grad_spectrum.element_size()):
+            by_frequency = groups == 1 and not taps_by_fft(plan, affine=False)
+            if by_frequency and _blocks_by_frequency(plan, x.shape[0], weight.shape):
+                # Blocks of frequencies: products into contiguous slices, weight lags summed over blocks.
+                blocks = _frequency_blocks(plan, c_out, c_in_g, groups, grad_spectrum.element_size())
+                adjoint = grad_spectrum.new_empty(freqs, x.shape[0], c_in_g) if need_x else None
+                lags = None
+                taps = kernel_taps(weight, cplx)  # cast once for all blocks
+                for block in blocks:
+                    kernel = kernel_dft(weight, plan, cplx, frequencies=block, taps=taps)  # (F_b, C_out, C_in)
+                    g = grad_spectrum[block]  # (F_b, N, C_out), contiguous
+                    if need_gram:
+                        gram = torch.bmm(g.transpose(1, 2), spectrum[block]).mul_(inv[block].transpose(1, 2))
+                        if need_r:
+                            z_gram[block] = torch.einsum("fkj,fkj->fk", kernel, gram)
+                        if need_w:
+                            part = _lag_sums(gram, plan, False, None if affine is None else affine[block, 0], block)
+                            lags = part if lags is None else lags.add_(part)
+                    if need_x:
+                        torch.bmm(g.mul_(x_gain[block]), kernel, out=adjoint[block])
+                if need_w:
+                    grad_w.copy_(lags.real.reshape(c_out, c_in_g, kh, kw))
+                channel_blocks = []
+            else:
+                channel_blocks = _channel_blocks(freqs, c_out, c_in_g, groups, grad_spectrum.element_size())
+            for block in channel_blocks:
                 kernel = kernel_dft(weight[block], plan, cplx)  # (F, block, C_in / g)
                 if need_gram:
                     gram = _grouped_gram(grad_spectrum[:, :, block], spectrum, groups).reshape(freqs, -1, c_in_g)

@@ -184,8 +184,8 @@ def test_spectral_algorithm_equals_reference(geometry, seed, with_affine, route,
 @pytest.mark.parametrize("forward_blocks", ["frequency", "channel"])
 @given(geometry=conv_geometries(max_kernel=3, max_stride=2, max_dilation=1, max_channels=4, max_groups=1), seed=seeds)
 def test_spectral_algorithm_in_channel_blocks(geometry, seed, forward_blocks, monkeypatch):
-    """Building the kernel spectrum in blocks of output channels or of frequencies (forward;
-    backward always by channels) changes nothing."""
+    """Building the kernel spectrum in blocks of output channels or of frequencies, forward
+    and backward, changes nothing (values and every gradient against the reference)."""
     monkeypatch.setattr(spectral, "KERNEL_BLOCK_BYTES", 1)  # one output channel (or frequency) per block
     monkeypatch.setattr(spectral, "FREQUENCY_BLOCKS_FACTOR", 0.0 if forward_blocks == "frequency" else float("inf"))
     blocks, frequency_blocks = [], []
@@ -195,11 +195,12 @@ def test_spectral_algorithm_in_channel_blocks(geometry, seed, forward_blocks, mo
         spectral, "_frequency_blocks", lambda *a: frequency_blocks.append(original_frequencies(*a)) or frequency_blocks[-1]
     )
     _check_spectral_site(geometry, seed, with_affine=True)
-    assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
     if forward_blocks == "frequency":
-        assert frequency_blocks and all(len(b) > 1 for b in frequency_blocks)  # (F > 1 for every kernel > 1x1)
+        # Forward and backward both, F > 1 for every kernel > 1x1.
+        assert len(frequency_blocks) == 2 and all(len(b) > 1 for b in frequency_blocks) and not blocks
     else:
         assert not frequency_blocks
+        assert any(len(b) == geometry.out_channels > 1 for b in blocks) or geometry.out_channels == 1
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
