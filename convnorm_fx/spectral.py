@@ -322,6 +322,14 @@ def _pad_outside(out: Tensor, plan: SpectralPlan) -> Tensor:
     return out
 
 
+def _kept_output(spectrum: Tensor, plan: SpectralPlan, dtype: torch.dtype) -> Tensor:
+    """A site's output from its ``(F, N, C)`` spectrum: the inverse at the kept samples, zeros
+    outside the grid, in ``dtype`` and in the layout of the site's input."""
+    rows, cols = plan.rows, plan.cols
+    out = from_spectrum(spectrum, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)
+    return _pad_outside(out, plan).to(dtype).contiguous(memory_format=plan.memory_format)
+
+
 def _inner_window(grad: Tensor, plan: SpectralPlan) -> Tensor:
     """The part of an output gradient ``(N, C, H_out, W_out)`` that lies on the grid."""
     rows, cols = plan.rows, plan.cols
@@ -478,10 +486,7 @@ class SpectralConvNorm(torch.autograd.Function):
                     u[:, :, block] = torch.bmm(spectrum, kernel.transpose(1, 2))
             u = u.mul_(_channel_gain(inv_sqrt, affine_weight, plan, cplx).unsqueeze(1))
             del spectrum, kernel  # free before the inverse: it allocates its own work space
-            out = from_spectrum(u, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)
-            out = _pad_outside(out, plan)
-        memory_format = plan.memory_format
-        return out.to(plan.out_dtype).contiguous(memory_format=memory_format)
+            return _kept_output(u, plan, plan.out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -589,10 +594,7 @@ class SpectralStage(torch.autograd.Function):
         with autocast_disabled(y.device):
             spectrum = to_spectrum(y.to(compute), plan.grid, grid_samples(rows), grid_samples(cols), -1)  # (F, N, C)
             spectrum = spectrum.mul_(_stage_gain(inv_sqrt, affine_weight, plan).unsqueeze(1))
-            out = from_spectrum(spectrum, plan.grid, kept_samples(rows), kept_samples(cols), 1, plan.channels_last)
-            out = _pad_outside(out, plan)
-        memory_format = plan.memory_format
-        return out.to(y.dtype).contiguous(memory_format=memory_format)
+            return _kept_output(spectrum, plan, y.dtype)
 
     @staticmethod
     @once_differentiable
