@@ -47,3 +47,49 @@ def test_layout_table_compares_each_format_and_the_faster_of_each():
     assert bench_models._layout_table([{"model": "m", "train_ms": {"original": 1.0, "convnorm": 2.0}}]) == []
     assert bench_models._key("convnorm", "channels_last", ["contiguous", "channels_last"]) == "convnorm" + cl
     assert bench_models._key("convnorm", "channels_last", ["channels_last"]) == "convnorm"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_chunked_transform_experiment_computes_the_library_transforms(chunk):
+    from benchmarks.experiments import chunked_transforms as experiment
+
+    torch = pytest.importorskip("torch")
+    from convnorm_fx import dft
+
+    x = torch.randn(5, 6, 7, 7).contiguous(memory_format=torch.channels_last)
+    grid, inputs, kept = (9, 9), (0, 7, 1), (1, 7, 1)
+    spectrum = dft.to_spectrum(x, grid, inputs, inputs, -1)
+    torch.testing.assert_close(experiment.to_spectrum_chunked(x, grid, inputs, chunk), spectrum)
+    out = experiment.from_spectrum_chunked(spectrum, grid, kept, chunk)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, dft.from_spectrum(spectrum, grid, kept, kept, 1, True))
+
+
+def test_kernel_memo_experiment_reuses_a_spectrum_until_the_weight_changes():
+    from benchmarks.experiments import eval_kernel_memo as experiment
+
+    torch = pytest.importorskip("torch")
+    from convnorm_fx import ConvNormConv2d, spectral
+
+    torch.manual_seed(0)
+    site = ConvNormConv2d(4, 5, 3, padding=1, algorithm="spectral").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = site(x)
+    memo: dict = {}
+    plain = spectral.kernel_dft
+    spectral.kernel_dft = experiment.memoized_kernel_dft(memo)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(site(x), expected)
+            filled = len(memo)
+            torch.testing.assert_close(site(x), expected)
+            assert filled > 0 and len(memo) == filled  # the second call reads the memo
+            site.weight.mul_(2.0)  # bumps the version: a new key, recomputed
+            changed = site(x)
+        assert len(memo) > filled
+        spectral.kernel_dft = plain
+        with torch.no_grad():
+            torch.testing.assert_close(changed, site(x))
+    finally:
+        spectral.kernel_dft = plain
