@@ -9,6 +9,8 @@ For each model, variants share the original's initial weights:
   the frequency-domain stage);
 * ``cn-nocache`` (``--cache-ablation``): the rewritten model with the eval-mode spectrum cache
   off (every call recomputes the preconditioner spectrum from the weight);
+* ``cn-kcache`` (``--eval-kernel-cache``): rewritten with ``eval_kernel_cache=True`` (eval mode
+  keeps each spectral site's per-frequency operator; the memory it holds is reported);
 * ``naive`` (``--naive``, default for the CIFAR ResNet-18): the rewritten model with every
   ConvNorm layer computed by the paper's Algorithm 1 as written (``naive_convnorm.py``).
 
@@ -113,7 +115,8 @@ def build_variant(name: str, variant: str, device: torch.device, dtype: torch.dt
     if variant != "original":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = convnorm_fx.apply(model)
+            options = {"eval_kernel_cache": True} if variant == "cn-kcache" else {}
+            model = convnorm_fx.apply(model, **options)
         if variant == "cn-direct":
             _set_algorithm(model, "direct")
         if variant == "cn-nocache":
@@ -195,6 +198,8 @@ def _variants(name: str, args: argparse.Namespace) -> list[str]:
         variants.append("cn-direct")
     if args.cache_ablation:
         variants.append("cn-nocache")
+    if args.eval_kernel_cache:
+        variants.append("cn-kcache")
     if args.naive or (args.naive is None and name == "cifar_resnet18"):
         variants.append("naive")
     return variants
@@ -286,6 +291,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     record["train_ms"] = {v: common.median_ms(t) for v, t in times.items()}
     times = common.time_interleaved({v: r.eval_forward for v, r in runners.items()}, args.repeats, args.warmup, device)
     record["eval_ms"] = {v: common.median_ms(t) for v, t in times.items()}
+    record["eval_cache_mb"] = {v: _eval_cache_mb(r.model) for v, r in runners.items()}
     record["saved_mb"] = {}
     for variant, runner in runners.items():
         runner.model.train()
@@ -299,6 +305,12 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, dtype: 
     for runner in runners.values():
         runner.optimizer.zero_grad(set_to_none=True)
     return record
+
+
+def _eval_cache_mb(model: nn.Module) -> float:
+    """Memory the stages' eval caches hold after the eval repeats (spectra, weight copies,
+    the operators of ``eval_kernel_cache``)."""
+    return sum(m.eval_cache_nbytes() for m in model.modules() if isinstance(m, ConvNorm2d)) / 2**20
 
 
 def _ratio(values: dict[str, Any], key: str, base: str = "original") -> float | str:
@@ -359,7 +371,7 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
     others = [(r, v) for r in records for v in r["train_ms"] if v not in paired]
     if others:
         header = ["model", "variant", "train ms", "variant / convnorm (train)"]
-        header += ["eval ms", "variant / convnorm (eval)", "saved MB"]
+        header += ["eval ms", "variant / convnorm (eval)", "variant / original (eval)", "saved MB", "eval cache MB"]
         rows = [
             [
                 r["model"],
@@ -368,7 +380,9 @@ def _markdown(records: list[dict[str, Any]], env: dict[str, Any], command: str) 
                 r["train_ms"][v] / r["train_ms"][_same_layout("convnorm", v)],
                 r["eval_ms"][v],
                 r["eval_ms"][v] / r["eval_ms"][_same_layout("convnorm", v)],
+                r["eval_ms"][v] / r["eval_ms"][_same_layout("original", v)],
                 r["saved_mb"][v],
+                r.get("eval_cache_mb", {}).get(v, ""),
             ]
             for r, v in others
         ]
@@ -426,6 +440,9 @@ def main(argv: list[str] | None = None) -> None:
         choices=("contiguous", "channels_last"),
         default=None,
         help="memory formats to time, interleaved (default: the one --channels-last chooses)",
+    )
+    parser.add_argument(
+        "--eval-kernel-cache", action="store_true", help="also time the rewritten model with eval_kernel_cache=True"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)

@@ -74,8 +74,9 @@ class ConvNormCondConv2d(nn.Module):
     stage's affine and BN parameters, under ``norm.``, are then reported missing).
 
     The kernel changes with every sample, so the spectrum is always computed from the
-    current mixed kernels, in training and in eval mode: ``eval_spectrum`` and ``momentum``
-    are accepted for a uniform interface and have no effect (no cache, no running average).
+    current mixed kernels, in training and in eval mode: ``eval_spectrum``, ``momentum`` and
+    ``eval_kernel_cache`` are accepted for a uniform interface and have no effect (no cache,
+    no running average).
     ``self.norm`` holds the stage's options and parameters; its own ``forward`` is not
     called, so hooks on it do not run and :func:`convnorm_fx.spectral_report` lists it as
     not called. Inside :func:`convnorm_fx.bypass` the module reproduces ``CondConv2d``.
@@ -90,7 +91,7 @@ class ConvNormCondConv2d(nn.Module):
             ``dynamic_padding``); the padded input is then the signal.
         device, dtype: factory arguments.
         config, **options: the stage's options, as for :class:`~convnorm_fx.modules.ConvNorm2d`
-            (``eval_spectrum`` and ``momentum`` have no effect here).
+            (``eval_spectrum``, ``momentum`` and ``eval_kernel_cache`` have no effect here).
 
     Shape:
         - x: ``(B, C_in, H, W)``
@@ -143,10 +144,11 @@ class ConvNormCondConv2d(nn.Module):
         """The :class:`~convnorm_fx.modules.ConvNorm2d` stage (options and parameters) for
         a ``CondConv2d``'s geometry, next to its weight.
 
-        ``eval_spectrum`` and ``momentum`` are accepted and ignored: see the class docstring.
+        ``eval_spectrum``, ``momentum`` and ``eval_kernel_cache`` are accepted and ignored: see
+        the class docstring.
         """
         # No cache and no running average: every sample has its own kernel.
-        config = dataclasses.replace(stage_config(config, **options), eval_spectrum="cache")
+        config = dataclasses.replace(stage_config(config, **options), eval_spectrum="cache", eval_kernel_cache=False)
         # With dynamic padding the padded input is the signal: the stage sees no zero padding.
         zero_padding = (0, 0) if cond_conv.dynamic_padding else cond_conv.padding
         weight = cond_conv.weight

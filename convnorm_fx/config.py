@@ -55,6 +55,8 @@ class ConvNormConfig:
     check_finite: bool = False
     # How a site is computed: "auto" (a cost model picks), "direct" or "spectral".
     algorithm: str = "auto"
+    # Eval mode: keep each spectral site's per-frequency operator between calls (memory for speed).
+    eval_kernel_cache: bool = False
 
     def __post_init__(self) -> None:
         check_choice("bn", self.bn, BN_POLICIES)
@@ -66,6 +68,7 @@ class ConvNormConfig:
         momentum = check_real("momentum", self.momentum, low=0.0, high=1.0, allowed="a real number in [0, 1]")
         check_bool("check_finite", self.check_finite)
         check_choice("algorithm", self.algorithm, ALGORITHMS)
+        check_bool("eval_kernel_cache", self.eval_kernel_cache)
         object.__setattr__(self, "eps", eps)  # a plain float (from an int or a NumPy number)
         object.__setattr__(self, "momentum", momentum)
 

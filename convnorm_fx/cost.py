@@ -31,7 +31,7 @@ __all__ = [
 
 def select_algorithm(
     input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
-    groups: int = 1, training: bool = True,
+    groups: int = 1, training: bool = True, kernel_cached: bool = False,
 ) -> str:
     """Pick ``'direct'`` or ``'spectral'`` for one site by a cost model of both.
 
@@ -45,19 +45,21 @@ def select_algorithm(
         weight_shape: ``(C_out, C_in / g, k_h, k_w)``.
         stride, dilation, groups: as in ``nn.Conv2d``.
         training: count backward too (a gradient will be taken), else forward only.
+        kernel_cached: the spectral algorithm's kernel spectrum is kept between calls
+            (``eval_kernel_cache``, eval mode): its cost is not counted.
 
     Returns:
         ``'direct'`` or ``'spectral'`` (``'direct'`` for 1x1 kernels, which need neither).
     """
     if tuple(int(v) for v in weight_shape[2:]) == (1, 1):
         return "direct"
-    direct, spectral = site_costs(input_shape, weight_shape, stride, dilation, groups, training)
+    direct, spectral = site_costs(input_shape, weight_shape, stride, dilation, groups, training, kernel_cached)
     return "spectral" if spectral < direct else "direct"
 
 
 def site_costs(
     input_shape: Sequence[int], weight_shape: Sequence[int], stride: IntOrPair = 1, dilation: IntOrPair = 1,
-    groups: int = 1, training: bool = True,
+    groups: int = 1, training: bool = True, kernel_cached: bool = False,
 ) -> tuple[float, float]:
     """Estimated cost ``(direct, spectral)`` of one site, in conv multiply-adds.
 
@@ -67,7 +69,8 @@ def site_costs(
     * spectral: a transform of the input, the kernel spectrum ``(F, C_out, C_in/g)``, the
       per-frequency products ``4 F N C_out C_in/g`` (``F = M_h (M_w // 2 + 1)``), an inverse
       at the kept samples; backward transforms the gradient and the input again, rebuilds
-      the kernel spectrum and runs two more products.
+      the kernel spectrum and runs two more products. With ``kernel_cached`` (and not
+      ``training``) the kernel spectrum costs nothing.
     """
     # A symbolic batch (torch.export, dynamic shapes) is not specialized: the choice is made
     # for a typical batch instead.
@@ -87,7 +90,9 @@ def site_costs(
     stage = _transform_cost(n * c_out, mh, mw, mh, mw) + _transform_cost(n * c_out, kept_h, kept_w, mh, mw)
     direct = passes * conv + stage * (2.5 if training else 1.0) + pass_cost * c_out * (3 if training else 1)
     # Spectral: input transform, products, inverse; backward adds 2 transforms + 2 products.
-    if kernel_by_fft(kh * kw, mh * mw):
+    if kernel_cached and not training:
+        kernel = 0.0
+    elif kernel_by_fft(kh * kw, mh * mw):
         kernel = c_out * c_in_g * (FFT_COST * mh * mw * math.log2(mh * mw) + 16 * BYTE_COST * freqs)
     else:
         kernel = freqs * c_out * c_in_g * (4 * kh * kw + 8 * BYTE_COST)

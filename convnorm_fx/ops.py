@@ -31,6 +31,8 @@ and the like keep working.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,7 +57,14 @@ from .geometry import (
 from .pipeline import normalize_circular, scale_1x1, scale_1x1_factor, stage_step_by_step
 from .precision import conv_out_dtype
 from .validation import ALGORITHMS
-from .spectral import SpectralConvNorm, SpectralPlan, SpectralStage, fused_paths_allowed, spectral_plan
+from .spectral import (
+    SpectralConvNorm,
+    SpectralPlan,
+    SpectralStage,
+    fused_paths_allowed,
+    spectral_from_operator,
+    spectral_plan,
+)
 from .spectrum import (
     DEFAULT_EPS,
     inverse_sqrt_spectrum,
@@ -217,8 +226,10 @@ def conv_norm_stage(
 def resolve_algorithm(
     algorithm: str, x: Tensor, weight: Tensor, stride: tuple[int, int], pads: tuple[int, int, int, int],
     dilation: tuple[int, int], groups: int, affine_weight: Tensor | None, constant_spectrum: bool,
+    kernel_cached: bool = False,
 ) -> SpectralPlan | None:
-    """The spectral plan if the site runs spectrally, else ``None`` (direct algorithm)."""
+    """The spectral plan if the site runs spectrally, else ``None`` (direct algorithm).
+    ``kernel_cached``: an eval pass would reuse a kept operator (``eval_kernel_cache``)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if algorithm == "direct" or not constant_spectrum or not fused_paths_allowed(x):
@@ -227,7 +238,8 @@ def resolve_algorithm(
         return None
     if algorithm == "auto":
         training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if select_algorithm(x.shape, weight.shape, stride, dilation, groups, training) != "spectral":
+        picked = select_algorithm(x.shape, weight.shape, stride, dilation, groups, training, kernel_cached)
+        if picked != "spectral":
             return None
     kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
     out_dtype = conv_out_dtype(x)
@@ -238,12 +250,15 @@ def conv_norm_from_input(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int], pads: tuple[int, int, int, int],
     dilation: tuple[int, int], groups: int, eps: float, stop_gradient: bool, affine_weight: Tensor | None,
     affine_bias: Tensor | None, inv_sqrt: Tensor | None, algorithm: str,
+    kept_operator: Callable[[Tensor, SpectralPlan], Tensor] | None = None,
 ) -> Tensor:
     """A normalized site from its (mode-padded) input, by the algorithm ``algorithm`` resolves to.
 
     ``inv_sqrt`` is computed here when not given. 1x1 kernels fold the flat preconditioner
     and the affine scale into the conv weight, so nothing but the conv's own input is kept
-    for backward."""
+    for backward. ``kept_operator(x, plan)``, when given, returns the spectral algorithm's
+    per-frequency operator (:func:`convnorm_fx.spectral.eval_operator`) kept between calls
+    (:meth:`ConvNorm2d.operator_keeper`); it is used when no gradient is needed."""
     kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
     if kernel_size == (1, 1):
         scale = scale_1x1_factor(weight, eps, stop_gradient, affine_weight, inv_sqrt)
@@ -255,7 +270,9 @@ def conv_norm_from_input(
         grid = grid_size(x.shape[-2:], kernel_size, dilation)
         inv_sqrt = preconditioner_spectrum(weight, grid, dilation, eps, stop_gradient)
     constant = not (inv_sqrt.requires_grad and torch.is_grad_enabled())
-    plan = resolve_algorithm(algorithm, x, weight, stride, pads, dilation, groups, affine_weight, constant)
+    inputs = (x, weight) if affine_weight is None else (x, weight, affine_weight)
+    reuse = kept_operator is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    plan = resolve_algorithm(algorithm, x, weight, stride, pads, dilation, groups, affine_weight, constant, reuse)
     if plan is None:
         feed_stride, feed_padding = feeding_conv_args(kernel_size, stride, pads, dilation)
         y = F.conv2d(x, weight, None, feed_stride, feed_padding, dilation, groups)
@@ -263,7 +280,11 @@ def conv_norm_from_input(
             y, weight, bias, stride, pads, dilation, eps, stop_gradient,
             affine_weight=affine_weight, affine_bias=affine_bias, inv_sqrt=inv_sqrt,
         )
-    out = SpectralConvNorm.apply(x, weight, affine_weight, inv_sqrt.detach(), plan)
+    if reuse:
+        operator = kept_operator(x, plan)
+        out = spectral_from_operator(x, operator, plan)
+    else:
+        out = SpectralConvNorm.apply(x, weight, affine_weight, inv_sqrt.detach(), plan)
     shift = _sum_optional(bias, affine_bias)
     if shift is not None:
         out = out + shift.to(out.dtype).reshape(1, -1, 1, 1)

@@ -52,6 +52,7 @@ __all__ = [
     "SpectralConvNorm",
     "SpectralPlan",
     "SpectralStage",
+    "eval_operator",
     "fused_paths_allowed",
     "grid_samples",
     "grouped_matmul",
@@ -60,6 +61,7 @@ __all__ = [
     "kernel_by_fft",
     "kernel_dft",
     "kernel_taps",
+    "spectral_from_operator",
     "spectral_plan",
     "taps_by_fft",
 ]
@@ -573,6 +575,36 @@ class SpectralConvNorm(torch.autograd.Function):
                 memory_format = plan.memory_format
                 grad_x = grad_x.to(x.dtype).contiguous(memory_format=memory_format)
         return grad_x, grad_w, grad_r, None, None
+
+
+def eval_operator(
+    weight: Tensor, affine_weight: Tensor | None, inv_sqrt: Tensor, plan: SpectralPlan, cplx: torch.dtype
+) -> Tensor:
+    """The site's per-frequency operator ``R_k v_k conj(A_kj)``, ``(F, C_out, C_in / g)`` in the
+    complex dtype ``cplx``: the kernel spectrum with the per-channel factors folded in, so that
+    a forward pass is one product per frequency (:func:`spectral_from_operator`)."""
+    with torch.no_grad(), autocast_disabled(weight.device):
+        kernel = kernel_dft(weight, plan, cplx)
+        return kernel.mul_(_channel_gain(inv_sqrt, affine_weight, plan, cplx).unsqueeze(-1))
+
+
+def spectral_from_operator(x: Tensor, operator: Tensor, plan: SpectralPlan) -> Tensor:
+    """The spectral algorithm's forward pass with its operator given (:func:`eval_operator`):
+    the input's DFT, one product per frequency, the inverse at the kept samples. No autograd.
+
+    Shape:
+        - x: ``(N, C_in, H, W)``
+        - operator: ``(F, C_out, C_in / g)``
+        - output: ``(N, C_out, H_out, W_out)``
+    """
+    rows, cols, groups, freqs = plan.rows, plan.cols, plan.groups, plan.frequencies
+    c_out, c_in_g = operator.shape[1:]
+    compute = compute_dtype(operator.real.dtype)
+    with torch.no_grad(), autocast_disabled(x.device):
+        spectrum = to_spectrum(x.to(compute), plan.grid, input_samples(rows), input_samples(cols), -1)
+        u = grouped_matmul(spectrum, operator.view(freqs, groups, c_out // groups, c_in_g), groups)
+        del spectrum
+        return _kept_output(u, plan, plan.out_dtype)
 
 
 class SpectralStage(torch.autograd.Function):
