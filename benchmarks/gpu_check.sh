@@ -2,7 +2,7 @@
 # GPU check for one CUDA machine (written for an H100), bounded to about 8 minutes:
 #   1. the CUDA cases of the property tests (the `device` fixture adds cuda when available);
 #   2. bench_layer.py, quick grid: float32, then bfloat16 autocast + channels_last;
-#   3. bench_models.py, small set: float32, then bfloat16 autocast in both memory formats
+#   3. bench_models.py, small set: float32 (with the eval_kernel_cache variant), then bfloat16 autocast in both memory formats
 #      (contiguous and channels_last interleaved), then torch.compile (CIFAR ResNet-18 only,
 #      original vs rewritten).
 # Every step has its own time limit and the script goes on after a failure. Results go to
@@ -55,7 +55,7 @@ step() {
 
 export HYPOTHESIS_PROFILE=ci
 step tests-cuda 120 "$python" -m pytest tests/test_fast_paths.py tests/test_conv_norm2d.py tests/test_modules.py \
-  tests/test_spectrum.py -q -p no:cacheprovider -k cuda
+  tests/test_spectrum.py tests/test_eval_kernel_cache.py -q -p no:cacheprovider -k cuda
 
 layer=("$python" benchmarks/bench_layer.py --quick --device cuda --repeats 10 --warmup 3 --out-dir "$work")
 step layer-fp32 60 "${layer[@]}"
@@ -63,7 +63,7 @@ step layer-bf16-cl 60 "${layer[@]}" --amp --channels-last
 
 models=("$python" benchmarks/bench_models.py --device cuda --models cifar_resnet18,resnet18,mobilenetv3_large_100
   --batch 32 --size 128 --cifar-batch 128 --repeats 10 --warmup 3 --direct --out-dir "$work")
-step models-fp32 75 "${models[@]}"
+step models-fp32 90 "${models[@]}" --eval-kernel-cache
 step models-bf16-layouts 90 "${models[@]}" --amp --layouts contiguous channels_last --no-naive --tag layouts
 step models-compile 120 "$python" benchmarks/bench_models.py --device cuda --models cifar_resnet18 --cifar-batch 128 \
   --repeats 10 --warmup 3 --compile --no-naive --out-dir "$work"

@@ -24,10 +24,11 @@ from tolerances import tolerance
 geometries = conv_geometries(max_kernel=4, max_stride=3, max_dilation=2, max_channels=3, max_groups=2, max_extra_size=5)
 
 
-def _pair(geometry, seed: int, dtype: torch.dtype, algorithm: str = "spectral"):
+def _pair(geometry, seed: int, dtype: torch.dtype, device: str = "cpu", algorithm: str = "spectral"):
     """The same site without and with the cache, in eval mode, with a non-trivial affine kernel."""
     torch.manual_seed(seed % 1000)
-    plain = ConvNormConv2d.from_conv(geometry.conv(dtype), affine_init="default", algorithm=algorithm).eval()
+    conv = geometry.conv(dtype, device)
+    plain = ConvNormConv2d.from_conv(conv, affine_init="default", algorithm=algorithm).eval()
     cached = copy.deepcopy(plain)
     cached.norm.eval_kernel_cache = True
     return plain, cached
@@ -40,9 +41,9 @@ def _operators(site: ConvNormConv2d) -> dict:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @given(geometry=geometries, seed=seeds)
-def test_cached_operator_gives_the_uncached_site(geometry, seed, dtype, channels_last):
-    plain, cached = _pair(geometry, seed, dtype)
-    x = geometry.tensors(seed, dtype)[0]
+def test_cached_operator_gives_the_uncached_site(geometry, seed, dtype, device, channels_last):
+    plain, cached = _pair(geometry, seed, dtype, device)
+    x = geometry.tensors(seed, dtype, device)[0]
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
