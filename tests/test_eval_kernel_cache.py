@@ -172,3 +172,22 @@ def test_cost_model_counts_a_kept_kernel_spectrum_as_free_in_eval_only():
         assert kept < plain
         trained = cost.site_costs(*shapes, groups=groups, training=True, kernel_cached=True)
         assert trained == cost.site_costs(*shapes, groups=groups, training=True)
+
+
+def test_operators_kept_under_inference_mode_serve_later_passes_with_autograd():
+    """An operator first built under ``torch.inference_mode`` is an ordinary tensor: a later
+    ``no_grad`` pass reuses it, and a pass with autograd on the input still differentiates."""
+    torch.manual_seed(2)
+    site = ConvNormConv2d(3, 4, 3, padding=1, algorithm="spectral", eval_kernel_cache=True).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        first = site(x)
+    (operator,) = [entry[1] for entry in _operators(site).values()]
+    assert not operator.is_inference()
+    with torch.no_grad():
+        torch.testing.assert_close(site(x), first)
+    (reused,) = [entry[1] for entry in _operators(site).values()]
+    assert reused is operator
+    x.requires_grad_(True)
+    site(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
