@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -181,6 +182,22 @@ def write_results(stem: str, payload: dict[str, Any], markdown: str, args: argpa
         args.json.write_text(text + "\n")
         paths.append(args.json)
     return paths
+
+
+def write_experiment(
+    result: Path, script: str, title: str, env: dict[str, Any], header: list[str], table: list[list[Any]],
+    records: list[dict[str, Any]],
+) -> None:
+    """Print and write one experiment's table (``result`` as JSON, and ``.md`` beside it), with
+    the command that ran it (``script`` and this process's arguments)."""
+    command = " ".join([f"python {script}", *sys.argv[1:]])
+    markdown = f"# {title}\n\nCommand: `{command}`  \n"
+    markdown += f"Load average at start: {env.get('load_average_at_start')}. Medians of interleaved repeats.\n\n"
+    markdown += markdown_table(header, table)
+    print(markdown)
+    result.write_text(json.dumps({"environment": env, "command": command, "results": records}, indent=2) + "\n")
+    result.with_suffix(".md").write_text(markdown + "\n")
+    print(f"\nwrote {result} and .md")
 
 
 def publish(

@@ -21,7 +21,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -100,14 +99,7 @@ def main() -> None:
             row["layout"], ms["original"], ms["convnorm"], ms["convnorm + memo"],
             ms["convnorm"] / ms["original"], ms["convnorm + memo"] / ms["original"], row["memo_mb"],
         ])
-    command = " ".join(["python benchmarks/experiments/eval_kernel_memo.py", *sys.argv[1:]])
-    markdown = f"# Eval kernel-spectrum memo, CIFAR ResNet-18, batch 32\n\nCommand: `{command}`  \n"
-    markdown += f"Load average at start: {env.get('load_average_at_start')}. Medians of interleaved repeats.\n\n"
-    markdown += common.markdown_table(header, table)
-    print(markdown)
-    RESULT.write_text(json.dumps({"environment": env, "command": command, "results": rows}, indent=2) + "\n")
-    RESULT.with_suffix(".md").write_text(markdown + "\n")
-    print(f"\nwrote {RESULT} and .md")
+    common.write_experiment(RESULT, "benchmarks/experiments/eval_kernel_memo.py", "Eval kernel-spectrum memo, CIFAR ResNet-18, batch 32", env, header, table, rows)
 
 
 if __name__ == "__main__":
